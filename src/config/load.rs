@@ -1,0 +1,396 @@
+//! Reading the TOML file and checking what the types alone cannot.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    BrokerConfig, Config, DeviceConfig, PayloadFormat, PipelineConfig, RollupConfig,
+    StorageConfig, ValidationConfig,
+};
+
+/// A config that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// The file as written, with the spans of its devices and brokers kept for error messages.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    storage: StorageConfig,
+    #[serde(default)]
+    pipeline: PipelineConfig,
+    #[serde(default)]
+    validation: ValidationConfig,
+    #[serde(default)]
+    rollups: RollupConfig,
+    #[serde(default)]
+    brokers: Vec<Spanned<BrokerConfig>>,
+    #[serde(default)]
+    devices: Vec<Spanned<DeviceConfig>>,
+}
+
+/// Reads and checks the config file at `path`.
+///
+/// # Errors
+/// When the file cannot be read, is not valid TOML, has unknown keys or bad values, or refers
+/// to things that do not exist.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and checks config text; `path` only names the file in errors.
+///
+/// # Errors
+/// As [`load`], less the reading.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let invalid = |offset: usize, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line: line_of(text, offset),
+        message,
+    };
+    let file: ConfigFile = toml::from_str(text).map_err(|err| {
+        let offset = err.span().map_or(0, |span| span.start);
+        invalid(offset, with_hint(err.message()))
+    })?;
+
+    let mut brokers = Vec::new();
+    for spanned in file.brokers {
+        let offset = spanned.span().start;
+        let mut broker = spanned.into_inner();
+        broker.line = line_of(text, offset);
+        if broker.address().is_none() {
+            return Err(invalid(
+                offset,
+                format!(
+                    "broker `{}`: url `{}` must look like mqtt://host:1883 (TLS is not supported by this build)",
+                    broker.id, broker.url
+                ),
+            ));
+        }
+        if broker.max_unacked == 0 {
+            return Err(invalid(
+                offset,
+                format!("broker `{}`: max_unacked must be at least 1", broker.id),
+            ));
+        }
+        if brokers.iter().any(|b: &BrokerConfig| b.id == broker.id) {
+            return Err(invalid(
+                offset,
+                format!("broker id `{}` is used twice; give each broker its own id", broker.id),
+            ));
+        }
+        brokers.push(broker);
+    }
+
+    let mut devices = Vec::new();
+    let mut ids = HashSet::new();
+    for spanned in file.devices {
+        let offset = spanned.span().start;
+        let mut device = spanned.into_inner();
+        device.set_line(line_of(text, offset));
+        check_device(&mut device, &brokers).map_err(|message| invalid(offset, message))?;
+        if !ids.insert(device.id().to_string()) {
+            return Err(invalid(
+                offset,
+                format!("device id `{}` is used twice; device ids must be unique", device.id()),
+            ));
+        }
+        devices.push(device);
+    }
+
+    let config = Config {
+        storage: file.storage,
+        pipeline: file.pipeline,
+        validation: file.validation,
+        rollups: file.rollups,
+        brokers,
+        devices,
+    };
+    check_limits(&config).map_err(|(key, message)| invalid(offset_of(text, key), message))?;
+    Ok(config)
+}
+
+fn check_device(device: &mut DeviceConfig, brokers: &[BrokerConfig]) -> Result<(), String> {
+    let id = device.id().to_string();
+    if id.is_empty() || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("device id `{id}` must be non-empty without spaces"));
+    }
+    let mut names = HashSet::new();
+    for metric in device.metrics() {
+        if !names.insert(metric.name.as_str()) {
+            return Err(format!("device `{id}`: metric `{}` is listed twice", metric.name));
+        }
+        if let (Some(min), Some(max)) = (metric.min, metric.max)
+            && min > max
+        {
+            return Err(format!(
+                "device `{id}`: metric `{}` has min {min} above max {max}",
+                metric.name
+            ));
+        }
+    }
+    match device {
+        DeviceConfig::Mqtt(mqtt) => {
+            let broker = match (&mqtt.broker, brokers) {
+                (Some(name), _) => brokers.iter().find(|b| &b.id == name).ok_or_else(|| {
+                    format!("device `{id}`: broker `{name}` is not defined in [[brokers]]")
+                })?,
+                (None, [only]) => only,
+                (None, []) => return Err(format!("device `{id}`: no [[brokers]] defined")),
+                (None, _) => {
+                    return Err(format!(
+                        "device `{id}`: several brokers are defined; set `broker = \"...\"`"
+                    ));
+                }
+            };
+            mqtt.broker = Some(broker.id.clone());
+            if !valid_filter(&mqtt.topic) {
+                return Err(format!(
+                    "device `{id}`: topic `{}` is not a valid MQTT topic filter",
+                    mqtt.topic
+                ));
+            }
+            if mqtt.qos > 2 {
+                return Err(format!("device `{id}`: qos must be 0, 1 or 2"));
+            }
+            if mqtt.format == PayloadFormat::Value && mqtt.metrics.len() > 1 {
+                return Err(format!(
+                    "device `{id}`: format \"value\" carries one metric, {} are listed",
+                    mqtt.metrics.len()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_limits(config: &Config) -> Result<(), (&'static str, String)> {
+    let positive = [
+        ("batch_size", config.storage.batch_size),
+        ("channel_capacity", config.pipeline.channel_capacity),
+        ("device_queue", config.pipeline.device_queue),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            return Err((key, format!("{key} must be at least 1")));
+        }
+    }
+    if config.storage.retention.step_rows == 0 {
+        return Err(("step_rows", "step_rows must be at least 1".into()));
+    }
+    for window in &config.rollups.windows {
+        if window.as_millis() < 1000 || window.subsec_millis() != 0 {
+            return Err((
+                "windows",
+                format!("rollup window {window:?} must be whole seconds, at least 1s"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// MQTT topic filter rules: `#` only last and alone in its level, `+` alone in its level.
+fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| {
+        (!level.contains('#') || (*level == "#" && i == levels.len() - 1))
+            && (!level.contains('+') || *level == "+")
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Where `key = ` first appears, so a limit error points at its line.
+fn offset_of(text: &str, key: &str) -> usize {
+    text.lines()
+        .scan(0, |pos, line| {
+            let start = *pos;
+            *pos += line.len() + 1;
+            Some((start, line))
+        })
+        .find(|(_, line)| line.trim_start().starts_with(key))
+        .map_or(0, |(start, _)| start)
+}
+
+/// Adds a "did you mean" to serde's unknown-field message when a known key is one typo away.
+fn with_hint(message: &str) -> String {
+    let message = message.trim_end().to_string();
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message;
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message;
+    };
+    let best = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|known| (edit_distance(unknown, known), known))
+        .min();
+    match best {
+        Some((distance, known)) if distance <= 2 => format!("{message}; did you mean `{known}`?"),
+        _ => message,
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(row[j + 1])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("test.toml"))
+    }
+
+    const BROKER: &str = "[[brokers]]\nurl = \"mqtt://127.0.0.1:1883\"\n";
+
+    #[test]
+    fn the_committed_example_is_valid() {
+        let config = parse_str(crate::config::EXAMPLE).expect("example parses");
+        assert!(!config.devices.is_empty());
+        assert!(!config.brokers.is_empty());
+    }
+
+    #[test]
+    fn an_empty_file_gives_defaults() {
+        let config = parse_str("").unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_suggests_the_right_one() {
+        let err = parse_str("[storage]\nbatch_sise = 10\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:2:"), "{err}");
+        assert!(err.contains("did you mean `batch_size`?"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_in_a_device_names_its_line() {
+        let text = format!(
+            "{BROKER}\n[[devices]]\nkind = \"mqtt\"\nid = \"a\"\ntopic = \"x\"\nformat = \"json\"\ntopik = \"y\"\n"
+        );
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(err.contains("topik"), "{err}");
+        assert!(err.starts_with("test.toml:4:") || err.starts_with("test.toml:9:"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_explains_the_format() {
+        let err = parse_str("[pipeline]\ndrain_timeout = \"ten seconds\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:2:"), "{err}");
+        assert!(err.contains("\"30s\""), "{err}");
+    }
+
+    #[test]
+    fn duplicate_device_ids_are_refused_at_the_second() {
+        let device = "[[devices]]\nkind = \"mqtt\"\nid = \"a\"\ntopic = \"x\"\nformat = \"json\"\n";
+        let text = format!("{BROKER}{device}{device}");
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:8:"), "{err}");
+        assert!(err.contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn device_naming_a_missing_broker_is_refused() {
+        let text = format!(
+            "{BROKER}[[devices]]\nkind = \"mqtt\"\nid = \"a\"\nbroker = \"nope\"\ntopic = \"x\"\nformat = \"json\"\n"
+        );
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(err.contains("broker `nope` is not defined"), "{err}");
+    }
+
+    #[test]
+    fn min_above_max_is_refused() {
+        let text = format!(
+            "{BROKER}[[devices]]\nkind = \"mqtt\"\nid = \"a\"\ntopic = \"x\"\nformat = \"json\"\n[[devices.metrics]]\nname = \"t\"\nmin = 5.0\nmax = 1.0\n"
+        );
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(err.contains("min 5 above max 1"), "{err}");
+    }
+
+    #[test]
+    fn invalid_topic_filters_are_refused() {
+        for topic in ["a/#/b", "a+/b", ""] {
+            let text = format!(
+                "{BROKER}[[devices]]\nkind = \"mqtt\"\nid = \"a\"\ntopic = \"{topic}\"\nformat = \"json\"\n"
+            );
+            let err = parse_str(&text).unwrap_err().to_string();
+            assert!(err.contains("not a valid MQTT topic filter"), "{topic}: {err}");
+        }
+    }
+
+    #[test]
+    fn broker_url_must_be_mqtt() {
+        let err = parse_str("[[brokers]]\nurl = \"http://x\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:1:"), "{err}");
+        assert!(err.contains("mqtt://host:1883"), "{err}");
+    }
+
+    #[test]
+    fn zero_batch_size_is_refused_at_its_line() {
+        let err = parse_str("[storage]\nbatch_size = 0\n").unwrap_err().to_string();
+        assert_eq!(err, "test.toml:2: batch_size must be at least 1");
+    }
+
+    #[test]
+    fn unknown_device_kind_is_refused() {
+        let text = format!("{BROKER}[[devices]]\nkind = \"zigbee\"\nid = \"a\"\n");
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(err.contains("zigbee"), "{err}");
+    }
+
+    #[test]
+    fn filters_follow_mqtt_rules() {
+        assert!(valid_filter("a/+/c"));
+        assert!(valid_filter("a/#"));
+        assert!(valid_filter("#"));
+        assert!(!valid_filter("a/#/c"));
+        assert!(!valid_filter("a/b+"));
+    }
+}

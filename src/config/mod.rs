@@ -1,0 +1,382 @@
+//! The typed configuration: one TOML file, checked before anything starts.
+//!
+//! Every struct rejects unknown keys; durations are written like `30s` or `1h`. [`load`] turns
+//! a file into a [`Config`] or a [`ConfigError`] that names the file, the line and what to
+//! change.
+
+mod load;
+
+pub use load::{ConfigError, load, parse};
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The committed, fully commented example configuration that `print-config` prints.
+pub const EXAMPLE: &str = include_str!("../../config/sensorgate.toml");
+
+/// The default config path under systemd.
+pub const DEFAULT_PATH: &str = "/etc/sensorgate/sensorgate.toml";
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Config {
+    pub storage: StorageConfig,
+    pub pipeline: PipelineConfig,
+    pub validation: ValidationConfig,
+    pub rollups: RollupConfig,
+    pub brokers: Vec<BrokerConfig>,
+    pub devices: Vec<DeviceConfig>,
+}
+
+impl Config {
+    pub fn broker(&self, id: &str) -> Option<&BrokerConfig> {
+        self.brokers.iter().find(|b| b.id == id)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// The SQLite database file.
+    pub path: std::path::PathBuf,
+    /// The most readings one transaction holds.
+    pub batch_size: usize,
+    /// The least time between two commits unless a batch is full; zero commits as soon as
+    /// the writer is free.
+    #[serde(with = "duration")]
+    pub flush_interval: Duration,
+    pub synchronous: Synchronous,
+    #[serde(with = "duration")]
+    pub busy_timeout: Duration,
+    pub retention: RetentionConfig,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: "/var/lib/sensorgate/sensorgate.db".into(),
+            batch_size: 2000,
+            flush_interval: Duration::ZERO,
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// Every commit is on disk before the message is acknowledged.
+    Full,
+    /// A power cut may lose the last commits (never corrupts); faster on slow storage.
+    Normal,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Raw readings older than this are deleted; absent keeps them forever.
+    #[serde(with = "duration::option")]
+    pub readings: Option<Duration>,
+    /// Rollups older than this are deleted; absent keeps them forever.
+    #[serde(with = "duration::option")]
+    pub rollups: Option<Duration>,
+    /// Rejections older than this are deleted; absent keeps them forever.
+    #[serde(with = "duration::option")]
+    pub rejections: Option<Duration>,
+    /// How often the writer runs one small deletion step.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// The most rows one deletion step removes, so ingest never stalls behind it.
+    pub step_rows: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            readings: Some(Duration::from_secs(30 * 86_400)),
+            rollups: Some(Duration::from_secs(730 * 86_400)),
+            rejections: Some(Duration::from_secs(30 * 86_400)),
+            interval: Duration::from_secs(10),
+            step_rows: 5000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Capacity of each channel between stages, in messages.
+    pub channel_capacity: usize,
+    /// Capacity of each device task's inbox, in messages.
+    pub device_queue: usize,
+    /// What a source does when the pipeline is full.
+    pub overflow: Overflow,
+    /// How long a stop may take to drain and commit before it gives up.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            channel_capacity: 4096,
+            device_queue: 256,
+            overflow: Overflow::Block,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Wait for room: the broker holds further messages. Nothing is lost.
+    Block,
+    /// Drop the new message, count it per device and acknowledge it.
+    DropNewest,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// What to do with a metric that a device sends but its config does not list.
+    pub unknown_metrics: UnknownMetrics,
+    /// Readings whose source time differs from the receive time by more are flagged.
+    #[serde(with = "duration")]
+    pub max_skew: Duration,
+    /// Readings stamped further in the future are rejected.
+    #[serde(with = "duration")]
+    pub max_future: Duration,
+    /// Readings stamped further in the past are rejected.
+    #[serde(with = "duration")]
+    pub max_past: Duration,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            unknown_metrics: UnknownMetrics::Store,
+            max_skew: Duration::from_secs(30),
+            max_future: Duration::from_secs(600),
+            max_past: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownMetrics {
+    /// Store it like a configured metric, without limits.
+    Store,
+    /// Store a rejection with the raw payload.
+    Reject,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollupConfig {
+    /// Window widths; every stored reading updates one bucket per width.
+    #[serde(with = "duration::list")]
+    pub windows: Vec<Duration>,
+}
+
+impl Default for RollupConfig {
+    fn default() -> Self {
+        Self {
+            windows: vec![Duration::from_secs(60), Duration::from_secs(3600)],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    #[serde(default = "default_broker_id")]
+    pub id: String,
+    /// `mqtt://host[:port]`.
+    pub url: String,
+    /// Fixed, so the broker keeps the session (and unacknowledged messages) across restarts.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default = "default_keep_alive", with = "duration")]
+    pub keep_alive: Duration,
+    /// The most messages received but not yet acknowledged. Keep it at or below the broker's
+    /// own in-flight limit (Mosquitto: `max_inflight_messages`).
+    #[serde(default = "default_max_unacked")]
+    pub max_unacked: u16,
+    /// The longest wait between reconnect attempts.
+    #[serde(default = "default_reconnect_max", with = "duration")]
+    pub reconnect_max: Duration,
+    #[serde(skip)]
+    pub line: usize,
+}
+
+fn default_broker_id() -> String {
+    "default".into()
+}
+fn default_client_id() -> String {
+    "sensorgate".into()
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_unacked() -> u16 {
+    1000
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl BrokerConfig {
+    /// Host and port from `url`; `None` when it is not `mqtt://host[:port]`.
+    pub fn address(&self) -> Option<(&str, u16)> {
+        let rest = self.url.strip_prefix("mqtt://")?.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse::<u16>().ok()?),
+            None => (rest, 1883),
+        };
+        (!host.is_empty() && !host.contains('/')).then_some((host, port))
+    }
+}
+
+/// A configured device, tagged by `kind`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceConfig {
+    Mqtt(MqttDeviceConfig),
+}
+
+impl DeviceConfig {
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Mqtt(d) => &d.id,
+        }
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Mqtt(_) => "mqtt",
+        }
+    }
+    pub fn metrics(&self) -> &[MetricConfig] {
+        match self {
+            Self::Mqtt(d) => &d.metrics,
+        }
+    }
+    pub fn line(&self) -> usize {
+        match self {
+            Self::Mqtt(d) => d.line,
+        }
+    }
+    fn set_line(&mut self, line: usize) {
+        match self {
+            Self::Mqtt(d) => d.line = line,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttDeviceConfig {
+    pub id: String,
+    /// The broker's `id`; may be left out when there is one broker.
+    #[serde(default)]
+    pub broker: Option<String>,
+    /// A topic filter; `+` and `#` wildcards allowed.
+    pub topic: String,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    pub format: PayloadFormat,
+    /// The JSON field holding the source's timestamp (epoch s, ms or RFC 3339).
+    #[serde(default)]
+    pub timestamp_field: Option<String>,
+    /// Silence longer than this marks the device stale.
+    #[serde(default, with = "duration::option")]
+    pub expected_interval: Option<Duration>,
+    #[serde(default)]
+    pub metrics: Vec<MetricConfig>,
+    #[serde(skip)]
+    pub line: usize,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// A JSON object (or an array of them): metrics are fields or dotted paths.
+    Json,
+    /// SenML JSON (RFC 8428): base name, base time, units.
+    Senml,
+    /// A plain number as text; the device's one metric.
+    Value,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricConfig {
+    /// The stored metric name.
+    pub name: String,
+    /// Where the value is in the payload (a JSON path like `env.temp`, a SenML name);
+    /// defaults to `name`.
+    #[serde(default)]
+    pub field: Option<String>,
+    #[serde(default)]
+    pub unit: Option<String>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+impl MetricConfig {
+    pub fn field(&self) -> &str {
+        self.field.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// Serde helpers for humantime durations (`30s`, `1h 30m`).
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text).map_err(|err| {
+            format!("`{text}` is not a duration ({err}); write it like \"500ms\", \"30s\" or \"1h\"")
+        })
+    }
+
+    pub mod option {
+        use super::*;
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let text = String::deserialize(d)?;
+            if text == "forever" || text == "off" {
+                return Ok(None);
+            }
+            parse(&text).map(Some).map_err(serde::de::Error::custom)
+        }
+    }
+
+    pub mod list {
+        use super::*;
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+            Vec::<String>::deserialize(d)?
+                .iter()
+                .map(|text| parse(text).map_err(serde::de::Error::custom))
+                .collect()
+        }
+    }
+}

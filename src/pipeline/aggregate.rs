@@ -1,0 +1,140 @@
+//! Aggregation: checked messages gather into one [`Batch`] per transaction, with the rollup
+//! cells their readings imply. Pure; the async loop in `pipeline` decides when to flush.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::reading::{DeviceId, Millis, Rollups, SeriesName, StatusChange, Ticket};
+use crate::storage::Batch;
+
+use super::validate::Checked;
+
+pub struct Batcher {
+    widths: Vec<Millis>,
+    max_readings: usize,
+    batch: Batch,
+    keys: HashSet<(SeriesName, Millis)>,
+}
+
+impl Batcher {
+    pub fn new(widths: Vec<Millis>, max_readings: usize) -> Self {
+        Self {
+            batch: empty(&widths),
+            widths,
+            max_readings,
+            keys: HashSet::new(),
+        }
+    }
+
+    /// Adds one message's outcome. A reading whose key is already in the batch is a
+    /// redelivery: it is counted as a duplicate, not stored twice.
+    pub fn push(&mut self, device: &DeviceId, checked: Checked, ticket: Option<Ticket>) {
+        let batch = &mut self.batch;
+        batch.messages += 1;
+        for reading in checked.readings {
+            let key = ((reading.device.clone(), reading.metric.clone()), reading.time);
+            if self.keys.insert(key) {
+                batch.rollups.add(&reading);
+                batch.readings.push(reading);
+            } else {
+                *batch.duplicates.entry(device.clone()).or_default() += 1;
+            }
+        }
+        batch.rejections.extend(checked.rejections);
+        batch.tickets.extend(ticket);
+    }
+
+    pub fn push_status(&mut self, status: StatusChange) {
+        self.batch.statuses.push(status);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.messages == 0 && self.batch.statuses.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.batch.readings.len() + self.batch.rejections.len() >= self.max_readings
+            || self.batch.tickets.len() >= self.max_readings
+    }
+
+    pub fn take(&mut self) -> Batch {
+        self.keys.clear();
+        std::mem::replace(&mut self.batch, empty(&self.widths))
+    }
+}
+
+fn empty(widths: &[Millis]) -> Batch {
+    Batch {
+        readings: Vec::new(),
+        rejections: Vec::new(),
+        statuses: Vec::new(),
+        rollups: Rollups::new(widths.to_vec()),
+        tickets: Vec::new(),
+        duplicates: HashMap::new(),
+        messages: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::reading::{Reading, ReadingFlags};
+
+    fn reading(time: Millis, value: f64) -> Reading {
+        Reading {
+            device: DeviceId::new("d"),
+            metric: Arc::from("t"),
+            unit: None,
+            value,
+            time,
+            received_at: time,
+            flags: ReadingFlags(0),
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_in_one_batch_are_counted_not_stored() {
+        let mut b = Batcher::new(vec![60_000], 100);
+        let d = DeviceId::new("d");
+        for _ in 0..2 {
+            b.push(&d, Checked { readings: vec![reading(1000, 1.0)], rejections: vec![] }, None);
+        }
+        let batch = b.take();
+        assert_eq!(batch.readings.len(), 1);
+        assert_eq!(batch.duplicates[&d], 1);
+        assert_eq!(batch.messages, 2);
+        let cells: Vec<_> = batch.rollups.iter().collect();
+        assert_eq!(cells.len(), 1);
+        assert_eq!(cells[0].1.count, 1);
+    }
+
+    #[test]
+    fn rollup_cells_cover_each_window() {
+        let mut b = Batcher::new(vec![60_000, 3_600_000], 100);
+        let d = DeviceId::new("d");
+        let readings = vec![reading(59_000, 3.0), reading(61_000, 5.0), reading(1_000, 1.0)];
+        b.push(&d, Checked { readings, rejections: vec![] }, None);
+        let batch = b.take();
+        let mut cells: Vec<_> = batch.rollups.iter().map(|(k, c)| (k.1, k.2, *c)).collect();
+        cells.sort_by_key(|c| (c.0, c.1));
+        assert_eq!(cells.len(), 3);
+        let (_, _, minute0) = cells[0];
+        assert_eq!((minute0.count, minute0.min, minute0.max, minute0.sum), (2, 1.0, 3.0, 4.0));
+        assert_eq!((minute0.first_time, minute0.first, minute0.last_time, minute0.last), (1_000, 1.0, 59_000, 3.0));
+        let (_, _, hour) = cells[2];
+        assert_eq!((hour.count, hour.first, hour.last), (3, 1.0, 5.0));
+    }
+
+    #[test]
+    fn is_full_at_the_configured_size() {
+        let mut b = Batcher::new(vec![60_000], 2);
+        let d = DeviceId::new("d");
+        b.push(&d, Checked { readings: vec![reading(1, 1.0)], rejections: vec![] }, None);
+        assert!(!b.is_full());
+        b.push(&d, Checked { readings: vec![reading(2, 1.0)], rejections: vec![] }, None);
+        assert!(b.is_full());
+        b.take();
+        assert!(b.is_empty());
+    }
+}

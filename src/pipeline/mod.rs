@@ -1,0 +1,102 @@
+//! The pipeline between sources and the writer: validate, then aggregate into batches.
+//!
+//! ```text
+//! sources ──SourceEvent──► validate ──Stage──► aggregate ──Batch──► writer
+//! ```
+//!
+//! Every channel is bounded. Stages never see the shutdown signal: each ends when its input
+//! closes and closes its output in turn, so a stop drains front to back.
+
+pub mod aggregate;
+pub mod validate;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::reading::{DeviceId, SourceEvent, StatusChange, Ticket};
+use crate::storage::Batch;
+use aggregate::Batcher;
+use validate::{Checked, Validator};
+
+/// What validation hands to aggregation.
+#[derive(Debug)]
+pub enum Stage {
+    Message {
+        device: DeviceId,
+        checked: Checked,
+        ticket: Option<Ticket>,
+    },
+    Status(StatusChange),
+}
+
+/// Validates every event from the sources until they all hang up.
+pub async fn validate(
+    mut validator: Validator,
+    mut input: mpsc::Receiver<SourceEvent>,
+    output: mpsc::Sender<Stage>,
+) {
+    while let Some(event) = input.recv().await {
+        let stage = match event {
+            SourceEvent::Message(mut message) => Stage::Message {
+                checked: validator.check(&message),
+                ticket: message.ticket.take(),
+                device: message.device,
+            },
+            SourceEvent::Rejected { rejection, ticket } => Stage::Message {
+                device: rejection.device.clone().unwrap_or_else(|| DeviceId::new("")),
+                checked: Checked {
+                    readings: Vec::new(),
+                    rejections: vec![rejection],
+                },
+                ticket,
+            },
+            SourceEvent::Status(status) => Stage::Status(status),
+        };
+        if output.send(stage).await.is_err() {
+            tracing::error!("Aggregate stage gone; validation stops");
+            return;
+        }
+    }
+}
+
+/// Gathers checked messages into batches. A batch goes to the writer as soon as the writer
+/// can take it (group commit), but not sooner than `flush_interval` after the previous one
+/// unless it is full.
+pub async fn aggregate(
+    mut batcher: Batcher,
+    flush_interval: Duration,
+    mut input: mpsc::Receiver<Stage>,
+    output: mpsc::Sender<Batch>,
+) {
+    let mut last_flush = Instant::now();
+    let mut open = true;
+    while open {
+        let due = last_flush + flush_interval;
+        let may_flush = !batcher.is_empty() && (batcher.is_full() || Instant::now() >= due);
+        let waiting_for_due = !batcher.is_empty() && !may_flush;
+        tokio::select! {
+            biased;
+            item = input.recv(), if !batcher.is_full() => match item {
+                Some(Stage::Message { device, checked, ticket }) => batcher.push(&device, checked, ticket),
+                Some(Stage::Status(status)) => batcher.push_status(status),
+                None => open = false,
+            },
+            permit = output.reserve(), if may_flush => match permit {
+                Ok(permit) => {
+                    permit.send(batcher.take());
+                    last_flush = Instant::now();
+                }
+                Err(_) => {
+                    tracing::error!("Writer gone; aggregation stops");
+                    return;
+                }
+            },
+            () = tokio::time::sleep_until(due), if waiting_for_due => {}
+        }
+    }
+    if !batcher.is_empty() && output.send(batcher.take()).await.is_err() {
+        tracing::error!("Writer gone before the last batch");
+    }
+}

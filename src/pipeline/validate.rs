@@ -1,0 +1,318 @@
+//! Validation: decoded values become [`Reading`]s or [`Rejection`]s. A pure state machine;
+//! the only state is the last receive-time stamp per series, which keeps readings without a
+//! source time from colliding on the same millisecond.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Config, UnknownMetrics, ValidationConfig};
+use crate::decode::format_rfc3339;
+use crate::reading::{
+    DeviceId, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason, Rejection,
+    SeriesName,
+};
+
+/// What one message became.
+#[derive(Debug, Default, PartialEq)]
+pub struct Checked {
+    pub readings: Vec<Reading>,
+    pub rejections: Vec<Rejection>,
+}
+
+struct MetricRule {
+    name: Arc<str>,
+    unit: Option<Arc<str>>,
+    min: Option<f64>,
+    max: Option<f64>,
+}
+
+#[derive(Default)]
+struct DeviceRules {
+    /// By payload field.
+    metrics: HashMap<String, MetricRule>,
+}
+
+pub struct Validator {
+    devices: HashMap<DeviceId, DeviceRules>,
+    limits: ValidationConfig,
+    last_receive_stamp: HashMap<SeriesName, Millis>,
+}
+
+impl Validator {
+    pub fn new(config: &Config) -> Self {
+        let devices = config
+            .devices
+            .iter()
+            .map(|device| {
+                let metrics = device
+                    .metrics()
+                    .iter()
+                    .map(|m| {
+                        let rule = MetricRule {
+                            name: Arc::from(m.name.as_str()),
+                            unit: m.unit.as_deref().map(Arc::from),
+                            min: m.min,
+                            max: m.max,
+                        };
+                        (m.field().to_string(), rule)
+                    })
+                    .collect();
+                (DeviceId::new(device.id()), DeviceRules { metrics })
+            })
+            .collect();
+        Self {
+            devices,
+            limits: config.validation.clone(),
+            last_receive_stamp: HashMap::new(),
+        }
+    }
+
+    /// Checks every value of `message`.
+    pub fn check(&mut self, message: &Message) -> Checked {
+        let mut checked = Checked::default();
+        let reject = |reason, detail: String| Rejection {
+            device: Some(message.device.clone()),
+            source: message.source.clone(),
+            received_at: message.received_at,
+            reason,
+            detail,
+            raw: message.raw.clone(),
+        };
+        let raw_readings = match &message.decoded {
+            Ok(readings) => readings,
+            Err(err) => {
+                checked
+                    .rejections
+                    .push(reject(RejectReason::Malformed, err.to_string()));
+                return checked;
+            }
+        };
+        for raw in raw_readings {
+            match self.check_one(&message.device, message.received_at, raw) {
+                Ok(reading) => checked.readings.push(reading),
+                Err((reason, detail)) => checked.rejections.push(reject(reason, detail)),
+            }
+        }
+        checked
+    }
+
+    fn check_one(
+        &mut self,
+        device: &DeviceId,
+        received_at: Millis,
+        raw: &RawReading,
+    ) -> Result<Reading, (RejectReason, String)> {
+        let rules = self.devices.get(device);
+        let rule = rules.and_then(|r| r.metrics.get(&raw.field));
+        let restricted = rules.is_some_and(|r| !r.metrics.is_empty());
+        if rule.is_none() && restricted && self.limits.unknown_metrics == UnknownMetrics::Reject {
+            return Err((
+                RejectReason::UnknownMetric,
+                format!("metric `{}` is not configured for device `{device}`", raw.field),
+            ));
+        }
+        let metric: Arc<str> = rule.map_or_else(|| Arc::from(raw.field.as_str()), |r| r.name.clone());
+        if !raw.value.is_finite() {
+            return Err((
+                RejectReason::NotFinite,
+                format!("{metric} = {} is not a finite number", raw.value),
+            ));
+        }
+        if let Some(rule) = rule {
+            if let Some(min) = rule.min.filter(|min| raw.value < *min) {
+                return Err((
+                    RejectReason::OutOfRange,
+                    format!("{metric} = {} is below min {min}", raw.value),
+                ));
+            }
+            if let Some(max) = rule.max.filter(|max| raw.value > *max) {
+                return Err((
+                    RejectReason::OutOfRange,
+                    format!("{metric} = {} is above max {max}", raw.value),
+                ));
+            }
+        }
+        let mut flags = 0;
+        let time = match raw.source_time {
+            Some(time) => {
+                let ahead = time - received_at;
+                let limit = |d: std::time::Duration| d.as_millis() as Millis;
+                if ahead > limit(self.limits.max_future) {
+                    return Err((
+                        RejectReason::BadTimestamp,
+                        format!(
+                            "{metric}: timestamp {} is {} ahead of the gateway clock (max_future {})",
+                            format_rfc3339(time),
+                            humantime::format_duration(std::time::Duration::from_millis(ahead as u64)),
+                            humantime::format_duration(self.limits.max_future)
+                        ),
+                    ));
+                }
+                if -ahead > limit(self.limits.max_past) {
+                    return Err((
+                        RejectReason::BadTimestamp,
+                        format!(
+                            "{metric}: timestamp {} is older than max_past {}",
+                            format_rfc3339(time),
+                            humantime::format_duration(self.limits.max_past)
+                        ),
+                    ));
+                }
+                if ahead.abs() > limit(self.limits.max_skew) {
+                    flags |= ReadingFlags::SKEWED;
+                }
+                time
+            }
+            None => {
+                flags |= ReadingFlags::RECEIVE_TIME;
+                let last = self
+                    .last_receive_stamp
+                    .entry((device.clone(), metric.clone()))
+                    .or_insert(Millis::MIN);
+                *last = received_at.max(last.saturating_add(1));
+                *last
+            }
+        };
+        let unit = rule
+            .and_then(|r| r.unit.clone())
+            .or_else(|| raw.unit.as_deref().map(Arc::from));
+        Ok(Reading {
+            device: device.clone(),
+            metric,
+            unit,
+            value: raw.value,
+            time,
+            received_at,
+            flags: ReadingFlags(flags),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::DecodeError;
+
+    const NOW: Millis = 1_700_000_000_000;
+
+    fn validator(extra: &str) -> Validator {
+        let text = format!(
+            r#"
+            [validation]
+            {extra}
+            [[brokers]]
+            url = "mqtt://localhost"
+            [[devices]]
+            kind = "mqtt"
+            id = "bay3"
+            topic = "bay3"
+            format = "json"
+            [[devices.metrics]]
+            name = "humidity"
+            field = "hum"
+            unit = "%"
+            min = 0
+            max = 100
+            "#
+        );
+        Validator::new(&crate::config::parse(&text, "t.toml".as_ref()).unwrap())
+    }
+
+    fn message(readings: Vec<RawReading>) -> Message {
+        Message {
+            device: DeviceId::new("bay3"),
+            source: Arc::from("bay3"),
+            received_at: NOW,
+            raw: Arc::from(&b"{}"[..]),
+            decoded: Ok(readings),
+            ticket: None,
+        }
+    }
+
+    fn raw(field: &str, value: f64, time: Option<Millis>) -> RawReading {
+        RawReading {
+            field: field.into(),
+            value,
+            unit: None,
+            source_time: time,
+        }
+    }
+
+    #[test]
+    fn maps_fields_to_metric_names_and_units() {
+        let out = validator("").check(&message(vec![raw("hum", 40.0, Some(NOW - 10))]));
+        assert_eq!(out.rejections, vec![]);
+        let r = &out.readings[0];
+        assert_eq!((&*r.metric, r.unit.as_deref(), r.value, r.time), ("humidity", Some("%"), 40.0, NOW - 10));
+        assert_eq!(r.flags, ReadingFlags(0));
+    }
+
+    #[test]
+    fn rejects_humidity_above_100_percent() {
+        let out = validator("").check(&message(vec![raw("hum", 101.0, None)]));
+        assert!(out.readings.is_empty());
+        assert_eq!(out.rejections[0].reason, RejectReason::OutOfRange);
+        assert_eq!(out.rejections[0].detail, "humidity = 101 is above max 100");
+        assert_eq!(&*out.rejections[0].raw, b"{}");
+    }
+
+    #[test]
+    fn rejects_nan_and_infinity() {
+        let out = validator("").check(&message(vec![
+            raw("hum", f64::NAN, None),
+            raw("x", f64::INFINITY, None),
+        ]));
+        assert_eq!(out.rejections.len(), 2);
+        assert!(out.rejections.iter().all(|r| r.reason == RejectReason::NotFinite));
+    }
+
+    #[test]
+    fn keeps_the_good_values_of_a_message_with_a_bad_one() {
+        let out = validator("").check(&message(vec![raw("hum", 50.0, None), raw("hum2", f64::NAN, None)]));
+        assert_eq!(out.readings.len(), 1);
+        assert_eq!(out.rejections.len(), 1);
+    }
+
+    #[test]
+    fn stores_malformed_payloads_as_rejections() {
+        let mut msg = message(vec![]);
+        msg.decoded = Err(DecodeError("invalid JSON: eof".into()));
+        let out = validator("").check(&msg);
+        assert_eq!(out.rejections[0].reason, RejectReason::Malformed);
+        assert_eq!(out.rejections[0].detail, "invalid JSON: eof");
+    }
+
+    #[test]
+    fn unknown_metrics_follow_the_policy() {
+        let stored = validator("").check(&message(vec![raw("co2", 400.0, None)]));
+        assert_eq!(&*stored.readings[0].metric, "co2");
+        let rejected = validator("unknown_metrics = \"reject\"").check(&message(vec![raw("co2", 400.0, None)]));
+        assert_eq!(rejected.rejections[0].reason, RejectReason::UnknownMetric);
+    }
+
+    #[test]
+    fn flags_skew_and_rejects_far_future_or_past() {
+        let mut v = validator("max_skew = \"5s\"\nmax_future = \"1m\"\nmax_past = \"1h\"");
+        let out = v.check(&message(vec![
+            raw("hum", 1.0, Some(NOW + 10_000)),
+            raw("hum", 2.0, Some(NOW + 61_000)),
+            raw("hum", 3.0, Some(NOW - 3_601_000)),
+            raw("hum", 4.0, Some(NOW - 4_000)),
+        ]));
+        assert_eq!(out.readings.len(), 2);
+        assert!(out.readings[0].flags.has(ReadingFlags::SKEWED));
+        assert!(!out.readings[1].flags.has(ReadingFlags::SKEWED));
+        assert!(out.rejections.iter().all(|r| r.reason == RejectReason::BadTimestamp));
+        assert!(out.rejections[0].detail.contains("ahead of the gateway clock"), "{}", out.rejections[0].detail);
+    }
+
+    #[test]
+    fn readings_without_source_time_get_distinct_receive_stamps() {
+        let mut v = validator("");
+        let first = v.check(&message(vec![raw("hum", 1.0, None), raw("hum", 2.0, None)]));
+        let second = v.check(&message(vec![raw("hum", 3.0, None)]));
+        let times: Vec<_> = first.readings.iter().chain(&second.readings).map(|r| r.time).collect();
+        assert_eq!(times, vec![NOW, NOW + 1, NOW + 2]);
+        assert!(first.readings[0].flags.has(ReadingFlags::RECEIVE_TIME));
+    }
+}

@@ -1,0 +1,353 @@
+//! The domain types every stage shares: what a source hands to the pipeline and what the
+//! pipeline hands to storage. Nothing here does I/O.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, UTC. The unit of every stored time.
+pub type Millis = i64;
+
+/// The gateway's wall clock in [`Millis`].
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// A configured device's id, cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(Arc<str>);
+
+impl DeviceId {
+    pub fn new(id: &str) -> Self {
+        Self(Arc::from(id))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// One value as a decoder found it, before validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawReading {
+    /// The metric's name as the payload calls it (a JSON path, a SenML name).
+    pub field: String,
+    pub value: f64,
+    /// The unit the payload declared, if any.
+    pub unit: Option<String>,
+    /// The time the source attached, if any.
+    pub source_time: Option<Millis>,
+}
+
+/// A validated reading, ready to store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading {
+    pub device: DeviceId,
+    pub metric: Arc<str>,
+    pub unit: Option<Arc<str>>,
+    pub value: f64,
+    /// The idempotency key: the source's time when it gave one, else the receive time.
+    pub time: Millis,
+    pub received_at: Millis,
+    pub flags: ReadingFlags,
+}
+
+/// Provenance bits stored with each reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadingFlags(pub u8);
+
+impl ReadingFlags {
+    /// `time` is the gateway's receive time: the source sent none.
+    pub const RECEIVE_TIME: u8 = 1;
+    /// The source's time and the receive time disagree beyond the configured skew.
+    pub const SKEWED: u8 = 2;
+
+    pub fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+/// Why input was not stored as readings. A closed set so counters and queries can group by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The payload could not be decoded in the device's format.
+    Malformed,
+    /// The value is NaN or infinite.
+    NotFinite,
+    /// The value is outside the metric's configured min/max.
+    OutOfRange,
+    /// The source's timestamp is too far in the future or the past.
+    BadTimestamp,
+    /// The metric is not configured and the policy rejects unknown metrics.
+    UnknownMetric,
+    /// No configured device matches the topic or line.
+    UnknownDevice,
+    /// A line or frame exceeded its size limit.
+    TooLong,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::NotFinite => "not_finite",
+            Self::OutOfRange => "out_of_range",
+            Self::BadTimestamp => "bad_timestamp",
+            Self::UnknownMetric => "unknown_metric",
+            Self::UnknownDevice => "unknown_device",
+            Self::TooLong => "too_long",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Input kept with the reason it was not stored as readings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    pub device: Option<DeviceId>,
+    /// Where it came from: an MQTT topic, a serial port.
+    pub source: Arc<str>,
+    pub received_at: Millis,
+    pub reason: RejectReason,
+    /// A sentence naming the field and the limit, for the operator.
+    pub detail: String,
+    pub raw: Arc<[u8]>,
+}
+
+/// Something that wants to know when a delivery's data is durable (an MQTT session that
+/// acknowledges in arrival order).
+pub trait Settle: Send + Sync {
+    fn settle(&self, generation: u64, seq: u64);
+}
+
+/// Proof of one received message that still has to be acknowledged. The writer settles it
+/// after the transaction holding the message's readings or rejections commits; a ticket that
+/// is dropped unsettled leaves the message unacknowledged, so the broker delivers it again.
+pub struct Ticket {
+    sink: Arc<dyn Settle>,
+    generation: u64,
+    seq: u64,
+}
+
+impl Ticket {
+    pub fn new(sink: Arc<dyn Settle>, generation: u64, seq: u64) -> Self {
+        Self {
+            sink,
+            generation,
+            seq,
+        }
+    }
+
+    /// Marks the message as durably handled.
+    pub fn settle(self) {
+        self.sink.settle(self.generation, self.seq);
+    }
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ticket({}/{})", self.generation, self.seq)
+    }
+}
+
+/// Why a payload could not be decoded, in words that name the field or the byte.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// What a payload decoded to: readings, or why it could not be decoded.
+pub type Decoded = Result<Vec<RawReading>, DecodeError>;
+
+/// One message from one device, the unit of delivery through the pipeline.
+#[derive(Debug)]
+pub struct Message {
+    pub device: DeviceId,
+    pub source: Arc<str>,
+    pub received_at: Millis,
+    pub raw: Arc<[u8]>,
+    pub decoded: Decoded,
+    pub ticket: Option<Ticket>,
+}
+
+/// The connection state of a device, as stored and shown by `sensorgate devices`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Configured, nothing heard yet.
+    Starting,
+    /// Its transport is up (broker connected, port open).
+    Connected,
+    /// Connected, but silent for longer than its expected interval.
+    Stale,
+    /// Its transport fails; `last_error` says why. Retried with backoff.
+    Failing,
+    /// Removed or shut down.
+    Stopped,
+}
+
+impl DeviceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Connected => "connected",
+            Self::Stale => "stale",
+            Self::Failing => "failing",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// A change of a device's state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusChange {
+    pub device: DeviceId,
+    pub kind: &'static str,
+    pub state: DeviceState,
+    pub error: Option<String>,
+    pub at: Millis,
+}
+
+/// Everything a source sends into the pipeline.
+#[derive(Debug)]
+pub enum SourceEvent {
+    Message(Message),
+    /// Input no device claims (an MQTT topic no filter matches).
+    Rejected {
+        rejection: Rejection,
+        ticket: Option<Ticket>,
+    },
+    Status(StatusChange),
+}
+
+/// Counters a source keeps outside the pipeline, for what cannot travel through it (messages
+/// dropped because the pipeline was full). The writer folds them into the devices table.
+#[derive(Debug, Default)]
+pub struct DropCounter(AtomicU64);
+
+impl DropCounter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn take(&self) -> u64 {
+        self.0.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// The start of the rollup bucket of width `width` that holds `time`.
+pub fn bucket_start(time: Millis, width: Millis) -> Millis {
+    time - time.rem_euclid(width)
+}
+
+/// Count, min, max, sum, first and last of the readings in one bucket. Merging two cells
+/// gives the cell of the union of their readings, in any order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RollupCell {
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub first_time: Millis,
+    pub first: f64,
+    pub last_time: Millis,
+    pub last: f64,
+}
+
+impl RollupCell {
+    pub fn of(time: Millis, value: f64) -> Self {
+        Self {
+            count: 1,
+            min: value,
+            max: value,
+            sum: value,
+            first_time: time,
+            first: value,
+            last_time: time,
+            last: value,
+        }
+    }
+
+    pub fn merge(&mut self, other: &Self) {
+        self.count += other.count;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.sum += other.sum;
+        if other.first_time < self.first_time {
+            self.first_time = other.first_time;
+            self.first = other.first;
+        }
+        if other.last_time > self.last_time {
+            self.last_time = other.last_time;
+            self.last = other.last;
+        }
+    }
+}
+
+/// Identifies a time series: one metric of one device.
+pub type SeriesName = (DeviceId, Arc<str>);
+
+/// Rollup cells for a set of readings, one per series, window width and bucket.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rollups {
+    widths: Vec<Millis>,
+    cells: std::collections::HashMap<(SeriesName, Millis, Millis), RollupCell>,
+}
+
+impl Rollups {
+    pub fn new(widths: Vec<Millis>) -> Self {
+        Self {
+            widths,
+            cells: Default::default(),
+        }
+    }
+
+    pub fn add(&mut self, reading: &Reading) {
+        for &width in &self.widths {
+            let key = (
+                (reading.device.clone(), reading.metric.clone()),
+                width,
+                bucket_start(reading.time, width),
+            );
+            let cell = RollupCell::of(reading.time, reading.value);
+            self.cells
+                .entry(key)
+                .and_modify(|c| c.merge(&cell))
+                .or_insert(cell);
+        }
+    }
+
+    pub fn widths(&self) -> &[Millis] {
+        &self.widths
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// `((series, width, bucket start), cell)` pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&(SeriesName, Millis, Millis), &RollupCell)> {
+        self.cells.iter()
+    }
+}

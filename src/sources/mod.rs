@@ -1,0 +1,94 @@
+//! Sources: one supervised task per device, feeding the pipeline through one bounded channel.
+//!
+//! MQTT devices share one session per broker ([`mqtt`]); the session routes each publish to
+//! its device's task, which decodes it. Sources are the only part that sees the shutdown
+//! signal: when they end, their senders drop and the pipeline drains behind them.
+
+pub mod ack;
+pub mod backoff;
+pub mod mqtt;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Overflow};
+use crate::reading::{DeviceId, DropCounter, Message, SourceEvent};
+
+/// How a device task hands messages to the pipeline: waits for room (`block`) or drops and
+/// counts (`drop_newest`). A dropped message is settled at once: it was handled by policy.
+#[derive(Clone)]
+pub struct Outlet {
+    events: mpsc::Sender<SourceEvent>,
+    overflow: Overflow,
+    dropped: Arc<DropCounter>,
+}
+
+impl Outlet {
+    pub fn new(events: mpsc::Sender<SourceEvent>, overflow: Overflow, dropped: Arc<DropCounter>) -> Self {
+        Self {
+            events,
+            overflow,
+            dropped,
+        }
+    }
+
+    /// Sends one message; false when the pipeline is gone.
+    pub async fn send(&self, mut message: Message) -> bool {
+        match self.overflow {
+            Overflow::Block => self.events.send(SourceEvent::Message(message)).await.is_ok(),
+            Overflow::DropNewest => match self.events.try_send(SourceEvent::Message(message)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
+                    message = m;
+                    self.dropped.add(1);
+                    if let Some(ticket) = message.ticket.take() {
+                        ticket.settle();
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// Sends a state change; these are rare and never dropped.
+    pub async fn send_event(&self, event: SourceEvent) -> bool {
+        self.events.send(event).await.is_ok()
+    }
+}
+
+/// Starts one task per device (and one session per broker) on `tracker`. Returns at once.
+pub fn spawn_all(
+    config: &Config,
+    events: mpsc::Sender<SourceEvent>,
+    drop_counters: &HashMap<DeviceId, Arc<DropCounter>>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    for broker in &config.brokers {
+        let devices: Vec<_> = config
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                crate::config::DeviceConfig::Mqtt(m) if m.broker.as_deref() == Some(&broker.id) => Some(m.clone()),
+                _ => None,
+            })
+            .collect();
+        if devices.is_empty() {
+            continue;
+        }
+        mqtt::spawn_broker(
+            broker.clone(),
+            devices,
+            &config.pipeline,
+            events.clone(),
+            drop_counters,
+            tracker,
+            cancel.clone(),
+        );
+    }
+}

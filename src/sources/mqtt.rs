@@ -1,0 +1,461 @@
+//! MQTT: one session per broker, a router, and one task per device.
+//!
+//! The session owns rumqttc's event loop. It subscribes every device's topic at QoS 1 (or as
+//! configured) on a persistent session with manual acknowledgements, records each publish in
+//! an [`AckWindow`], and hands it to the device task whose filter matches. The writer settles
+//! the publish's ticket after commit; the session then acknowledges, in arrival order.
+//!
+//! The session polls the event loop while the pipeline is full (so keep-alives and
+//! acknowledgements still flow) until `max_unacked` messages wait; beyond that it stops
+//! reading and TCP pushes back on the broker.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Outlet;
+use super::ack::AckWindow;
+use super::backoff::Backoff;
+use crate::config::{BrokerConfig, MqttDeviceConfig, PipelineConfig};
+use crate::decode::Decoder;
+use crate::reading::{
+    DeviceId, DeviceState, DropCounter, Message, Millis, RejectReason, Rejection, Settle,
+    SourceEvent, StatusChange, Ticket, now_millis,
+};
+
+/// The broker connection as device tasks see it.
+#[derive(Clone, Debug, PartialEq)]
+enum Link {
+    Connecting,
+    Up,
+    Down(String),
+}
+
+/// One publish on its way to a device task.
+struct Delivery {
+    topic: Arc<str>,
+    payload: Arc<[u8]>,
+    received_at: Millis,
+    ticket: Option<Ticket>,
+}
+
+struct Route {
+    filter: String,
+    qos: QoS,
+    inbox: mpsc::Sender<Delivery>,
+}
+
+/// The acknowledgement window shared by the session (which acknowledges) and the writer
+/// (which settles tickets after commit).
+#[derive(Default)]
+struct AckBoard {
+    window: Mutex<AckWindow<Publish>>,
+    ready: Notify,
+}
+
+impl Settle for AckBoard {
+    fn settle(&self, generation: u64, seq: u64) {
+        let front_ready = lock(&self.window).settle(generation, seq);
+        if front_ready {
+            self.ready.notify_one();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock means a panic while holding it; the window itself stays consistent
+    // because every method completes its update before returning.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Starts the broker's session task and its devices' tasks.
+pub(super) fn spawn_broker(
+    broker: BrokerConfig,
+    devices: Vec<MqttDeviceConfig>,
+    pipeline: &PipelineConfig,
+    events: mpsc::Sender<SourceEvent>,
+    drop_counters: &HashMap<DeviceId, Arc<DropCounter>>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) {
+    let (link_tx, link_rx) = watch::channel(Link::Connecting);
+    let mut routes = Vec::new();
+    for device in devices {
+        let (inbox_tx, inbox_rx) = mpsc::channel(pipeline.device_queue);
+        let id = DeviceId::new(&device.id);
+        let dropped = drop_counters.get(&id).cloned().unwrap_or_default();
+        routes.push(Route {
+            filter: device.topic.clone(),
+            qos: qos(device.qos),
+            inbox: inbox_tx,
+        });
+        let task = DeviceTask {
+            id,
+            broker: broker.id.clone(),
+            decoder: Decoder {
+                format: device.format,
+                timestamp_field: device.timestamp_field.clone(),
+                fields: device.metrics.iter().map(|m| m.field().to_string()).collect(),
+            },
+            expected_interval: device.expected_interval,
+            outlet: Outlet::new(events.clone(), pipeline.overflow, dropped),
+        };
+        tracker.spawn(task.run(inbox_rx, link_rx.clone()));
+    }
+    let session = Session {
+        broker,
+        routes,
+        events: Some(events),
+        link: link_tx,
+        board: Arc::new(AckBoard::default()),
+    };
+    tracker.spawn(session.run(cancel));
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+struct Session {
+    broker: BrokerConfig,
+    routes: Vec<Route>,
+    /// For publishes no device claims; dropped at shutdown like the routes.
+    events: Option<mpsc::Sender<SourceEvent>>,
+    link: watch::Sender<Link>,
+    board: Arc<AckBoard>,
+}
+
+impl Session {
+    async fn run(mut self, cancel: CancellationToken) {
+        let Some((host, port)) = self.broker.address() else {
+            tracing::error!(broker = %self.broker.id, "Broker url unusable; session not started");
+            return;
+        };
+        let mut options = MqttOptions::new(&self.broker.client_id, host, port);
+        options
+            .set_keep_alive(self.broker.keep_alive.max(Duration::from_secs(1)))
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(1 << 20, 1 << 20);
+        if let (Some(user), Some(pass)) = (&self.broker.username, &self.broker.password) {
+            options.set_credentials(user, pass);
+        }
+        let max_unacked = usize::from(self.broker.max_unacked);
+        // Acknowledgements queue here between polls; there are never more than max_unacked.
+        let (client, mut eventloop) = AsyncClient::new(options, max_unacked + 64);
+        let mut pending: VecDeque<(usize, Delivery)> = VecDeque::new();
+        let mut backoff = Backoff::new(Duration::from_millis(200), self.broker.reconnect_max);
+        let mut stopping = false;
+
+        loop {
+            let window_len = lock(&self.board.window).len();
+            if stopping && window_len == 0 && pending.is_empty() {
+                break;
+            }
+            let can_poll = !stopping || window_len > 0;
+            let full = pending.len() >= max_unacked || window_len >= max_unacked;
+            let event = if can_poll && !full {
+                let poll = eventloop.poll();
+                tokio::pin!(poll);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled(), if !stopping => {
+                            stopping = true;
+                        }
+                        () = self.board.ready.notified() => self.acknowledge(&client),
+                        sent = forward(&self.routes, &mut pending), if !pending.is_empty() => {
+                            if !sent { pending.pop_front(); }
+                        }
+                        event = &mut poll => break Some(event),
+                    }
+                    if stopping && pending.is_empty() {
+                        self.close_inputs();
+                        if lock(&self.board.window).is_empty() {
+                            break None;
+                        }
+                    }
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled(), if !stopping => stopping = true,
+                    () = self.board.ready.notified() => self.acknowledge(&client),
+                    sent = forward(&self.routes, &mut pending), if !pending.is_empty() => {
+                        if !sent { pending.pop_front(); }
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(200)), if stopping => {}
+                }
+                if stopping && pending.is_empty() {
+                    self.close_inputs();
+                }
+                None
+            };
+            match event {
+                None => {}
+                Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                    backoff.reset();
+                    lock(&self.board.window).reset();
+                    self.subscribe(&client);
+                    tracing::info!(broker = %self.broker.id, "Broker connected");
+                    self.link.send_replace(Link::Up);
+                }
+                Some(Ok(Event::Incoming(Packet::Publish(publish)))) => {
+                    if !stopping {
+                        self.receive(publish, &mut pending);
+                    }
+                }
+                Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        tracing::error!(broker = %self.broker.id, "Broker refused a subscription; check its ACLs");
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => {
+                    lock(&self.board.window).reset();
+                    if stopping {
+                        break;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(broker = %self.broker.id, error = %err, retry_in = ?delay, "Broker connection failed");
+                    self.link.send_replace(Link::Down(describe(&err)));
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = cancel.cancelled() => stopping = true,
+                    }
+                }
+            }
+        }
+        self.close_inputs();
+        if client.try_disconnect().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Ok(event) = eventloop.poll().await {
+                    if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        tracing::info!(broker = %self.broker.id, "Broker session closed");
+    }
+
+    fn subscribe(&self, client: &AsyncClient) {
+        let filters = self
+            .routes
+            .iter()
+            .map(|r| rumqttc::SubscribeFilter::new(r.filter.clone(), r.qos));
+        if let Err(err) = client.try_subscribe_many(filters) {
+            tracing::error!(broker = %self.broker.id, error = %err, "Could not queue subscriptions");
+        }
+    }
+
+    fn receive(&self, publish: Publish, pending: &mut VecDeque<(usize, Delivery)>) {
+        let received_at = now_millis();
+        let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
+            let marker = Publish {
+                payload: Default::default(),
+                topic: String::new(),
+                ..publish.clone()
+            };
+            let (generation, seq) = lock(&self.board.window).push(marker);
+            Ticket::new(self.board.clone(), generation, seq)
+        });
+        let topic: Arc<str> = Arc::from(publish.topic.as_str());
+        let payload: Arc<[u8]> = Arc::from(&publish.payload[..]);
+        match self.routes.iter().position(|r| topic_matches(&r.filter, &topic)) {
+            Some(route) => pending.push_back((
+                route,
+                Delivery {
+                    topic,
+                    payload,
+                    received_at,
+                    ticket,
+                },
+            )),
+            None => {
+                let rejection = Rejection {
+                    device: None,
+                    source: topic.clone(),
+                    received_at,
+                    reason: RejectReason::UnknownDevice,
+                    detail: format!("no device is configured for topic `{topic}`"),
+                    raw: payload,
+                };
+                // Rare (an overlapping or retained subscription): stored as a rejection; its
+                // ticket is settled by the writer like any other.
+                let sent = self.events.as_ref().is_some_and(|events| {
+                    events
+                        .try_send(SourceEvent::Rejected { rejection, ticket })
+                        .is_ok()
+                });
+                if !sent {
+                    tracing::warn!(broker = %self.broker.id, "Pipeline full; unrouted publish left unacknowledged for redelivery");
+                }
+            }
+        }
+    }
+
+    /// Sends every acknowledgement that is due, in arrival order.
+    fn acknowledge(&self, client: &AsyncClient) {
+        let mut window = lock(&self.board.window);
+        while let Some(publish) = window.pop_ready() {
+            if let Err(err) = client.try_ack(&publish) {
+                tracing::warn!(broker = %self.broker.id, error = %err, "Could not queue an acknowledgement; the broker will redeliver");
+            }
+        }
+    }
+
+    /// Drops the senders into device tasks and the pipeline, so they end and drain.
+    fn close_inputs(&mut self) {
+        self.routes.clear();
+        self.events = None;
+    }
+}
+
+/// Hands the front delivery to its device; false when that device's task is gone.
+async fn forward(routes: &[Route], pending: &mut VecDeque<(usize, Delivery)>) -> bool {
+    let Some((route, _)) = pending.front() else {
+        return true;
+    };
+    let Some(route) = routes.get(*route) else {
+        return false;
+    };
+    match route.inbox.reserve().await {
+        Ok(permit) => {
+            if let Some((_, delivery)) = pending.pop_front() {
+                permit.send(delivery);
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn describe(err: &ConnectionError) -> String {
+    match err {
+        ConnectionError::Io(io) => format!("I/O: {io}"),
+        other => other.to_string(),
+    }
+}
+
+/// MQTT topic filter matching (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return !topic.starts_with('$') || !filter.starts_with(['#', '+']),
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Decodes one device's publishes and tracks its state.
+struct DeviceTask {
+    id: DeviceId,
+    broker: String,
+    decoder: Decoder,
+    expected_interval: Option<Duration>,
+    outlet: Outlet,
+}
+
+impl DeviceTask {
+    async fn run(self, mut inbox: mpsc::Receiver<Delivery>, mut link: watch::Receiver<Link>) {
+        let mut state = DeviceState::Starting;
+        let mut last_seen = Instant::now();
+        loop {
+            let stale_at = self.expected_interval.map(|i| last_seen + i);
+            let next = tokio::select! {
+                delivery = inbox.recv() => match delivery {
+                    Some(delivery) => {
+                        last_seen = Instant::now();
+                        let decoded = self.decoder.decode(&delivery.payload, delivery.received_at);
+                        let message = Message {
+                            device: self.id.clone(),
+                            source: delivery.topic,
+                            received_at: delivery.received_at,
+                            raw: delivery.payload,
+                            decoded,
+                            ticket: delivery.ticket,
+                        };
+                        if !self.outlet.send(message).await {
+                            return;
+                        }
+                        (DeviceState::Connected, None)
+                    }
+                    None => return,
+                },
+                changed = link.changed() => {
+                    if changed.is_err() {
+                        // The session ended; the inbox closes next.
+                        continue;
+                    }
+                    match &*link.borrow_and_update() {
+                        Link::Up => {
+                            last_seen = Instant::now();
+                            (DeviceState::Connected, None)
+                        }
+                        Link::Down(err) => (DeviceState::Failing, Some(format!("broker {}: {err}", self.broker))),
+                        Link::Connecting => (DeviceState::Starting, None),
+                    }
+                }
+                () = sleep_until_opt(stale_at), if state == DeviceState::Connected => {
+                    let interval = self.expected_interval.unwrap_or_default();
+                    (DeviceState::Stale, Some(format!("no message for {}", humantime::format_duration(interval))))
+                }
+            };
+            if next.0 != state {
+                state = next.0;
+                let status = StatusChange {
+                    device: self.id.clone(),
+                    kind: "mqtt",
+                    state,
+                    error: next.1,
+                    at: now_millis(),
+                };
+                if !self.outlet.send_event(SourceEvent::Status(status)).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_filters_match_like_a_broker() {
+        assert!(topic_matches("a/b", "a/b"));
+        assert!(!topic_matches("a/b", "a/b/c"));
+        assert!(topic_matches("a/+/c", "a/x/c"));
+        assert!(!topic_matches("a/+/c", "a/x/y"));
+        assert!(topic_matches("a/#", "a/x/y"));
+        assert!(topic_matches("a/#", "a"));
+        assert!(topic_matches("#", "anything/at/all"));
+        assert!(!topic_matches("#", "$SYS/x"));
+        assert!(!topic_matches("a/b", "a"));
+    }
+}

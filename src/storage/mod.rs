@@ -1,0 +1,125 @@
+//! SQLite storage: migrations, the one writer, and read queries on a separate read-only pool.
+//!
+//! Every write goes through [`writer::Writer`], one transaction per [`Batch`]. Readers open
+//! the file read-only; WAL lets them run while the writer commits.
+
+pub mod read;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::config::Synchronous;
+use crate::reading::{DeviceId, Reading, Rejection, Rollups, StatusChange, Ticket};
+
+pub use read::ReadStore;
+pub use writer::Writer;
+
+/// Everything one transaction writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub readings: Vec<Reading>,
+    pub rejections: Vec<Rejection>,
+    pub statuses: Vec<StatusChange>,
+    /// The rollup cells of `readings`, used as they are when none of them was stored before.
+    pub rollups: Rollups,
+    /// Settled after commit, in the order they were received.
+    pub tickets: Vec<Ticket>,
+    /// Readings dropped because the same key appeared earlier in this batch, per device.
+    pub duplicates: HashMap<DeviceId, u64>,
+    pub messages: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot migrate database {path}: {source}")]
+    Migrate {
+        path: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("no device `{0}` in the database; `sensorgate devices` lists them")]
+    UnknownDevice(String),
+    #[error("database query failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Opens (creating if needed) the database for writing and applies migrations. The pool has
+/// one connection: there is one writer.
+///
+/// # Errors
+/// When the file cannot be opened or created, or a migration fails.
+pub async fn open_for_writing(
+    path: &Path,
+    synchronous: Synchronous,
+    busy_timeout: Duration,
+) -> Result<SqlitePool, StorageError> {
+    let name = path.display().to_string();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|err| StorageError::Open {
+            path: name.clone(),
+            source: sqlx::Error::Io(err),
+        })?;
+    }
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(match synchronous {
+            Synchronous::Full => SqliteSynchronous::Full,
+            Synchronous::Normal => SqliteSynchronous::Normal,
+        })
+        .busy_timeout(busy_timeout)
+        .foreign_keys(false);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_with(options)
+        .await
+        .map_err(|source| StorageError::Open {
+            path: name.clone(),
+            source,
+        })?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|source| StorageError::Migrate { path: name, source })?;
+    Ok(pool)
+}
+
+/// Opens an existing database read-only, for queries.
+///
+/// # Errors
+/// When the file does not exist or is not a sensorgate database.
+pub async fn open_read_only(path: &Path) -> Result<SqlitePool, StorageError> {
+    let name = path.display().to_string();
+    let options = SqliteConnectOptions::from_str("sqlite://")
+        .map_err(|source| StorageError::Open {
+            path: name.clone(),
+            source,
+        })?
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(5));
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .map_err(|source| StorageError::Open { path: name, source })
+}

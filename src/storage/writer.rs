@@ -1,0 +1,437 @@
+//! The one writer: each [`Batch`] becomes one transaction, and its tickets are settled only
+//! after that transaction commits.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::sqlite::SqlitePool;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use tokio::sync::mpsc;
+
+use super::{Batch, StorageError};
+use crate::config::RetentionConfig;
+use crate::reading::{
+    DeviceId, DeviceState, DropCounter, Millis, Reading, Rollups, SeriesName, now_millis,
+};
+
+/// Rows per multi-row statement: one statement per row is about 100 times slower.
+const ROWS_PER_STATEMENT: usize = 500;
+/// Between retries of a batch whose transaction failed (disk full, database locked).
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A configured device as the writer registers it.
+pub struct DeviceEntry {
+    pub id: DeviceId,
+    pub kind: &'static str,
+    /// Messages its source dropped under the `drop_newest` policy, folded into each commit.
+    pub dropped: Arc<DropCounter>,
+}
+
+pub struct Writer {
+    pool: SqlitePool,
+    devices: HashMap<DeviceId, i64>,
+    series: HashMap<SeriesName, i64>,
+    drop_counters: Vec<(i64, Arc<DropCounter>)>,
+    retention: RetentionConfig,
+    retention_cursor: i64,
+}
+
+impl Writer {
+    /// Registers the configured devices (state `starting`) and loads the series ids.
+    ///
+    /// # Errors
+    /// When the database cannot be written.
+    pub async fn new(
+        pool: SqlitePool,
+        entries: Vec<DeviceEntry>,
+        retention: RetentionConfig,
+    ) -> Result<Self, StorageError> {
+        let now = now_millis();
+        let mut devices = HashMap::new();
+        let mut drop_counters = Vec::new();
+        let mut tx = pool.begin().await?;
+        for entry in entries {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO devices (name, kind, state, state_since, last_error) \
+                 VALUES (?1, ?2, 'starting', ?3, NULL) \
+                 ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, state = 'starting', \
+                 state_since = excluded.state_since, last_error = NULL RETURNING id",
+            )
+            .bind(entry.id.as_str())
+            .bind(entry.kind)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            devices.insert(entry.id, id);
+            drop_counters.push((id, entry.dropped));
+        }
+        tx.commit().await?;
+        let rows = sqlx::query("SELECT s.id, d.name, s.metric FROM series s JOIN devices d ON d.id = s.device_id")
+            .fetch_all(&pool)
+            .await?;
+        let series = rows
+            .into_iter()
+            .map(|row| {
+                let name: String = row.get(1);
+                let metric: String = row.get(2);
+                ((DeviceId::new(&name), Arc::from(metric.as_str())), row.get(0))
+            })
+            .collect();
+        Ok(Self {
+            pool,
+            devices,
+            series,
+            drop_counters,
+            retention,
+            retention_cursor: 0,
+        })
+    }
+
+    /// Writes batches until the channel closes, then marks devices stopped. A batch whose
+    /// transaction fails is retried with backoff, never skipped: nothing is acknowledged
+    /// until it is stored.
+    pub async fn run(mut self, mut input: mpsc::Receiver<Batch>) {
+        let mut retention_tick = tokio::time::interval(self.retention.interval);
+        retention_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = input.recv() => match batch {
+                    Some(batch) => self.commit_with_retry(batch).await,
+                    None => break,
+                },
+                _ = retention_tick.tick() => {
+                    if let Err(err) = self.retention_step().await {
+                        tracing::warn!(error = %err, "Retention step failed; retrying at the next tick");
+                    }
+                }
+            }
+        }
+        if let Err(err) = self.mark_stopped().await {
+            tracing::warn!(error = %err, "Could not mark devices stopped");
+        }
+        self.pool.close().await;
+    }
+
+    async fn commit_with_retry(&mut self, batch: Batch) {
+        let mut delay = RETRY_MIN;
+        let mut failures = 0u32;
+        loop {
+            match self.write(&batch).await {
+                Ok(()) => break,
+                Err(err) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::error!(error = %err, readings = batch.readings.len(), "Commit failed; holding acknowledgements and retrying");
+                    } else {
+                        tracing::debug!(error = %err, failures, "Commit retry failed");
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+        if failures > 0 {
+            tracing::warn!(failures, "Commit succeeded after retries");
+        }
+        for ticket in batch.tickets {
+            ticket.settle();
+        }
+    }
+
+    /// One transaction for `batch`. On failure the caches and counters are as before, so the
+    /// batch can be written again.
+    async fn write(&mut self, batch: &Batch) -> Result<(), StorageError> {
+        let drops: Vec<(i64, Arc<DropCounter>, u64)> = self
+            .drop_counters
+            .iter()
+            .map(|(id, counter)| (*id, counter.clone(), counter.take()))
+            .collect();
+        let mut added = Vec::new();
+        let result = self.try_write(batch, &drops, &mut added).await;
+        if result.is_err() {
+            for key in added {
+                self.series.remove(&key);
+            }
+            for (_, counter, n) in drops {
+                counter.add(n);
+            }
+        }
+        result
+    }
+
+    async fn try_write(
+        &mut self,
+        batch: &Batch,
+        drops: &[(i64, Arc<DropCounter>, u64)],
+        added: &mut Vec<SeriesName>,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let mut per_device: HashMap<i64, DeviceDelta> = HashMap::new();
+        self.ensure_series(&mut tx, &batch.readings, added).await?;
+
+        let mut inserted: HashSet<(i64, Millis)> = HashSet::new();
+        for chunk in batch.readings.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO readings (series_id, ts, received_at, value, flags) ",
+            );
+            query.push_values(chunk, |mut row, r| {
+                row.push_bind(self.series[&(r.device.clone(), r.metric.clone())])
+                    .push_bind(r.time)
+                    .push_bind(r.received_at)
+                    .push_bind(r.value)
+                    .push_bind(i64::from(r.flags.0));
+            });
+            query.push(" ON CONFLICT DO NOTHING RETURNING series_id, ts");
+            for row in query.build().fetch_all(&mut *tx).await? {
+                inserted.insert((row.get(0), row.get(1)));
+            }
+        }
+
+        for reading in &batch.readings {
+            let delta = per_device.entry(self.devices[&reading.device]).or_default();
+            delta.last_seen = delta.last_seen.max(reading.received_at);
+            let series = self.series[&(reading.device.clone(), reading.metric.clone())];
+            if inserted.contains(&(series, reading.time)) {
+                delta.readings += 1;
+            } else {
+                delta.duplicates += 1;
+            }
+        }
+        for (device, n) in &batch.duplicates {
+            per_device.entry(self.devices[device]).or_default().duplicates += n;
+        }
+
+        if inserted.len() == batch.readings.len() {
+            self.upsert_rollups(&mut tx, &batch.rollups).await?;
+        } else {
+            let mut fresh = Rollups::new(batch.rollups.widths().to_vec());
+            for reading in batch.readings.iter().filter(|r| {
+                inserted.contains(&(self.series[&(r.device.clone(), r.metric.clone())], r.time))
+            }) {
+                fresh.add(reading);
+            }
+            self.upsert_rollups(&mut tx, &fresh).await?;
+        }
+
+        for chunk in batch.rejections.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO rejections (received_at, device_id, source, reason, detail, raw) ",
+            );
+            query.push_values(chunk, |mut row, r| {
+                row.push_bind(r.received_at)
+                    .push_bind(r.device.as_ref().and_then(|d| self.devices.get(d)).copied())
+                    .push_bind(&*r.source)
+                    .push_bind(r.reason.as_str())
+                    .push_bind(r.detail.as_str())
+                    .push_bind(&*r.raw);
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+        for rejection in &batch.rejections {
+            if let Some(id) = rejection.device.as_ref().and_then(|d| self.devices.get(d)) {
+                let delta = per_device.entry(*id).or_default();
+                delta.rejections += 1;
+                delta.last_seen = delta.last_seen.max(rejection.received_at);
+            }
+        }
+
+        for status in &batch.statuses {
+            let Some(id) = self.devices.get(&status.device) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE devices SET state = ?1, last_error = ?2, state_since = ?3 WHERE id = ?4",
+            )
+            .bind(status.state.as_str())
+            .bind(status.error.as_deref())
+            .bind(status.at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        for (id, _, dropped) in drops {
+            if *dropped > 0 {
+                per_device.entry(*id).or_default().dropped += dropped;
+            }
+        }
+        update_devices(&mut tx, &per_device).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Gives every series in `readings` an id, inserting the new ones, and records in `added`
+    /// what it cached, so a failed transaction can forget them.
+    async fn ensure_series(
+        &mut self,
+        tx: &mut SqliteConnection,
+        readings: &[Reading],
+        added: &mut Vec<SeriesName>,
+    ) -> Result<(), StorageError> {
+        for reading in readings {
+            let key = (reading.device.clone(), reading.metric.clone());
+            if self.series.contains_key(&key) {
+                continue;
+            }
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO series (device_id, metric, unit) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (device_id, metric) DO UPDATE SET unit = coalesce(excluded.unit, unit) \
+                 RETURNING id",
+            )
+            .bind(self.devices[&reading.device])
+            .bind(&*reading.metric)
+            .bind(reading.unit.as_deref())
+            .fetch_one(&mut *tx)
+            .await?;
+            self.series.insert(key.clone(), id);
+            added.push(key);
+        }
+        Ok(())
+    }
+
+    async fn upsert_rollups(
+        &self,
+        tx: &mut SqliteConnection,
+        rollups: &Rollups,
+    ) -> Result<(), StorageError> {
+        let cells: Vec<_> = rollups.iter().collect();
+        for chunk in cells.chunks(ROWS_PER_STATEMENT / 2) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO rollups (series_id, width_ms, bucket, n, min_v, max_v, sum_v, \
+                 first_ts, first_v, last_ts, last_v) ",
+            );
+            query.push_values(chunk, |mut row, ((series, width, bucket), cell)| {
+                row.push_bind(self.series[series])
+                    .push_bind(*width)
+                    .push_bind(*bucket)
+                    .push_bind(cell.count)
+                    .push_bind(cell.min)
+                    .push_bind(cell.max)
+                    .push_bind(cell.sum)
+                    .push_bind(cell.first_time)
+                    .push_bind(cell.first)
+                    .push_bind(cell.last_time)
+                    .push_bind(cell.last);
+            });
+            query.push(
+                " ON CONFLICT (series_id, width_ms, bucket) DO UPDATE SET \
+                 n = n + excluded.n, \
+                 min_v = min(min_v, excluded.min_v), \
+                 max_v = max(max_v, excluded.max_v), \
+                 sum_v = sum_v + excluded.sum_v, \
+                 first_ts = CASE WHEN excluded.first_ts < first_ts THEN excluded.first_ts ELSE first_ts END, \
+                 first_v = CASE WHEN excluded.first_ts < first_ts THEN excluded.first_v ELSE first_v END, \
+                 last_ts = CASE WHEN excluded.last_ts > last_ts THEN excluded.last_ts ELSE last_ts END, \
+                 last_v = CASE WHEN excluded.last_ts > last_ts THEN excluded.last_v ELSE last_v END",
+            );
+            query.build().execute(&mut *tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes at most `step_rows` expired rows per table, a series at a time, so no step
+    /// holds the write lock for long.
+    async fn retention_step(&mut self) -> Result<(), StorageError> {
+        let now = now_millis();
+        let cutoff = |d: Option<Duration>| d.map(|d| now - d.as_millis() as Millis);
+        let limit = i64::from(self.retention.step_rows);
+        let series: Vec<i64> = {
+            let mut ids: Vec<i64> = self.series.values().copied().collect();
+            ids.sort_unstable();
+            let start = ids.partition_point(|id| *id <= self.retention_cursor);
+            ids.rotate_left(start);
+            ids
+        };
+        let mut budget = limit;
+        if let Some(cutoff) = cutoff(self.retention.readings) {
+            for id in &series {
+                if budget <= 0 {
+                    break;
+                }
+                let done = sqlx::query(
+                    "DELETE FROM readings WHERE series_id = ?1 AND ts IN \
+                     (SELECT ts FROM readings WHERE series_id = ?1 AND ts < ?2 ORDER BY ts LIMIT ?3)",
+                )
+                .bind(id)
+                .bind(cutoff)
+                .bind(budget)
+                .execute(&self.pool)
+                .await?;
+                budget -= done.rows_affected() as i64;
+                self.retention_cursor = *id;
+            }
+        }
+        if let Some(cutoff) = cutoff(self.retention.rollups) {
+            let mut budget = limit;
+            for id in &series {
+                if budget <= 0 {
+                    break;
+                }
+                let done = sqlx::query(
+                    "DELETE FROM rollups WHERE series_id = ?1 AND bucket < ?2 AND (width_ms, bucket) IN \
+                     (SELECT width_ms, bucket FROM rollups WHERE series_id = ?1 AND bucket < ?2 LIMIT ?3)",
+                )
+                .bind(id)
+                .bind(cutoff)
+                .bind(budget)
+                .execute(&self.pool)
+                .await?;
+                budget -= done.rows_affected() as i64;
+            }
+        }
+        if let Some(cutoff) = cutoff(self.retention.rejections) {
+            sqlx::query(
+                "DELETE FROM rejections WHERE id IN \
+                 (SELECT id FROM rejections WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)",
+            )
+            .bind(cutoff)
+            .bind(limit)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_stopped(&self) -> Result<(), StorageError> {
+        sqlx::query("UPDATE devices SET state = ?1, state_since = ?2 WHERE state != ?1")
+            .bind(DeviceState::Stopped.as_str())
+            .bind(now_millis())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct DeviceDelta {
+    last_seen: Millis,
+    readings: u64,
+    rejections: u64,
+    duplicates: u64,
+    dropped: u64,
+}
+
+async fn update_devices(
+    tx: &mut SqliteConnection,
+    deltas: &HashMap<i64, DeviceDelta>,
+) -> Result<(), StorageError> {
+    for (id, delta) in deltas {
+        sqlx::query(
+            "UPDATE devices SET \
+             last_seen = CASE WHEN ?1 > 0 THEN max(coalesce(last_seen, 0), ?1) ELSE last_seen END, \
+             readings = readings + ?2, rejections = rejections + ?3, \
+             duplicates = duplicates + ?4, dropped = dropped + ?5 WHERE id = ?6",
+        )
+        .bind(delta.last_seen)
+        .bind(delta.readings as i64)
+        .bind(delta.rejections as i64)
+        .bind(delta.duplicates as i64)
+        .bind(delta.dropped as i64)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
