@@ -19,7 +19,7 @@ pub enum Fault {
     OutOfRange,
     /// A NaN temperature (JSON and value formats; SenML cannot carry one).
     NotANumber,
-    /// A truncated payload.
+    /// A truncated payload (JSON, SenML) or a number with trailing text (value).
     Malformed,
     /// A timestamp one day ahead (formats with timestamps).
     ClockSkew,
@@ -81,7 +81,11 @@ impl Scenario {
         };
         if fault == Some(Fault::Duplicate) {
             let mut again = self.message(device, seq - 1);
-            again.expect = Expect::default();
+            // Without a source timestamp there is no idempotency key: the gateway stores a
+            // repeated plain value again, under its new receive time.
+            if self.format != Format::Value {
+                again.expect = Expect::default();
+            }
             again.fault = Some(Fault::Duplicate);
             return again;
         }
@@ -104,10 +108,10 @@ impl Scenario {
                 if nan { "NaN".to_string() } else { temp.to_string() }
             }
         };
-        let payload = if fault == Some(Fault::Malformed) {
-            payload[..payload.len() / 2].to_string()
-        } else {
-            payload
+        let payload = match (fault, self.format) {
+            (Some(Fault::Malformed), Format::Value) => format!("{payload} degC"),
+            (Some(Fault::Malformed), _) => payload[..payload.len() / 2].to_string(),
+            _ => payload,
         };
         let timed = self.format != Format::Value;
         let mut expect = Expect::default();
@@ -210,6 +214,8 @@ mod tests {
             if m.fault == Some(Fault::Duplicate) {
                 assert_eq!(m.payload, msgs[i - 1].payload);
                 assert_eq!(m.expect, Expect::default());
+                let plain = scenario(Format::Value);
+                assert_eq!(plain.message(0, i as u64).expect, plain.message(0, i as u64 - 1).expect);
             }
         }
     }

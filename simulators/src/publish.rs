@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::Planned;
@@ -54,16 +55,20 @@ pub async fn publish(
             Err(err) => return Err(PublishError::Connect(format!("{host}:{port}"), err.to_string())),
         }
     }
+    // The event loop runs on its own task; it counts what went out and what the broker
+    // acknowledged, so the publisher can wait for both before it disconnects.
+    let (progress_tx, mut progress) = watch::channel((0u64, 0u64));
     let driver = tokio::spawn(async move {
         let (mut sent, mut acked) = (0u64, 0u64);
         loop {
             match eventloop.poll().await {
                 Ok(Event::Outgoing(Outgoing::Publish(_))) => sent += 1,
                 Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => acked += 1,
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok((sent, acked)),
-                Ok(_) => {}
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
+                Ok(_) => continue,
                 Err(err) => return Err(PublishError::Lost { sent, error: err.to_string() }),
             }
+            progress_tx.send_replace((sent, acked));
         }
     });
     let start = Instant::now();
@@ -90,7 +95,17 @@ pub async fn publish(
             credit -= 1.0;
         }
     }
-    // Every publish is handed to the event loop before the disconnect request, in order.
+    // rumqttc drops what is still queued when it disconnects: wait until every publish is
+    // written (QoS 0) or acknowledged by the broker (QoS 1 and 2).
+    let done = |&(sent, acked): &(u64, u64)| {
+        if qos == QoS::AtMostOnce { sent >= published } else { acked >= published }
+    };
+    if progress.wait_for(done).await.is_err() {
+        return match driver.await {
+            Ok(Err(err)) => Err(err),
+            _ => Err(PublishError::Lost { sent: published, error: "event loop ended".into() }),
+        };
+    }
     let _ = client.disconnect().await;
     match driver.await {
         Ok(Ok(_)) => {}

@@ -208,7 +208,6 @@ impl Session {
                     lock(&self.board.window).reset();
                     self.subscribe(&client);
                     tracing::info!(broker = %self.broker.id, "Broker connected");
-                    self.link.send_replace(Link::Up);
                 }
                 Some(Ok(Event::Incoming(Packet::Publish(publish)))) => {
                     if !stopping {
@@ -216,8 +215,19 @@ impl Session {
                     }
                 }
                 Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
-                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                        tracing::error!(broker = %self.broker.id, "Broker refused a subscription; check its ACLs");
+                    let refused: Vec<&str> = ack
+                        .return_codes
+                        .iter()
+                        .zip(&self.routes)
+                        .filter(|(code, _)| matches!(code, rumqttc::SubscribeReasonCode::Failure))
+                        .map(|(_, route)| route.filter.as_str())
+                        .collect();
+                    if refused.is_empty() {
+                        tracing::info!(broker = %self.broker.id, topics = self.routes.len(), "Subscribed");
+                        self.link.send_replace(Link::Up);
+                    } else {
+                        tracing::error!(broker = %self.broker.id, topics = ?refused, "Broker refused subscriptions; check its ACLs");
+                        self.link.send_replace(Link::Down(format!("subscription refused for {}", refused.join(", "))));
                     }
                 }
                 Some(Ok(_)) => {}

@@ -1,0 +1,191 @@
+//! End to end in one process: simulated sensors → broker → gateway → SQLite, checked row by
+//! row against what the simulator planned.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use sensorgate::app::{AppError, Gateway};
+use sensorgate_sim::{EmbeddedBroker, Format, Scenario, publish};
+use support::*;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Starts a gateway and waits until every device is subscribed (state `connected`).
+async fn start_gateway(text: &str) -> (CancellationToken, JoinHandle<Result<(), AppError>>) {
+    init_logging();
+    let config = sensorgate::config::parse(text, Path::new("test.toml")).expect("test config");
+    let db = config.storage.path.clone();
+    let devices = config.devices.len() as i64;
+    let gateway = Gateway::build(config).await.expect("gateway builds");
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
+    let pool = read_pool(&db).await;
+    wait_for("devices subscribed", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move { count(&pool, "SELECT count(*) FROM devices WHERE state = 'connected'").await == devices }
+    })
+    .await;
+    (shutdown, handle)
+}
+
+async fn publish_all(port: u16, scenario: &Scenario, qos: u8) {
+    let report = publish("127.0.0.1", port, &unique("pub"), scenario.messages(), 0.0, qos, CancellationToken::new())
+        .await
+        .expect("publisher");
+    assert_eq!(report.published, scenario.total_messages());
+}
+
+/// Waits until the database holds as many readings and rejections as expected.
+async fn wait_until_stored(db: &Path, expected: &Expected) {
+    let pool = read_pool(db).await;
+    let want_readings = (expected.readings.len() + expected.untimed_readings) as i64;
+    let want_rejections: i64 = expected.rejections.values().sum();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let readings = count(&pool, "SELECT count(*) FROM readings").await;
+        let rejections = count(&pool, "SELECT count(*) FROM rejections").await;
+        if readings >= want_readings && rejections >= want_rejections {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stored {readings}/{want_readings} readings, {rejections}/{want_rejections} rejections; by reason {:?}, expected {:?}",
+            rejections_by_reason(&pool).await,
+            expected.rejections
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn assert_exact(db: &Path, expected: &Expected) {
+    let pool = read_pool(db).await;
+    let stored = stored_readings(&pool).await;
+    let timed: std::collections::BTreeMap<_, _> = stored
+        .iter()
+        .filter(|(k, _)| expected.readings.contains_key(*k))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    assert_eq!(timed.len(), expected.readings.len(), "timed readings missing");
+    for (key, value) in &expected.readings {
+        assert_eq!(stored.get(key), Some(value), "reading {key:?}");
+    }
+    assert_eq!(stored.len(), expected.readings.len() + expected.untimed_readings, "total readings");
+    assert_eq!(rejections_by_reason(&pool).await, expected.rejections);
+    assert_eq!(rollup_mismatches(&pool).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_every_simulated_reading_with_exact_values_through_the_embedded_broker() {
+    let broker = EmbeddedBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 5, 200, 7, &unique("emb"));
+    let scenarios = [(&s, "climate")];
+    let (shutdown, gateway) =
+        start_gateway(&gateway_config(broker.port, &db, &unique("gw"), "", &scenarios)).await;
+    publish_all(broker.port, &s, 1).await;
+    let expected = expected(&scenarios);
+    wait_until_stored(&db, &expected).await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+    assert_exact(&db, &expected).await;
+
+    // A malformed payload is kept byte for byte with its reason.
+    let pool = read_pool(&db).await;
+    let (raw, detail): (Vec<u8>, String) =
+        sqlx::query_as("SELECT raw, detail FROM rejections WHERE reason = 'malformed' LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let planned = s.messages().find(|m| m.payload == raw).expect("raw payload is a planned one");
+    assert_eq!(planned.fault, Some(sensorgate_sim::Fault::Malformed));
+    assert!(detail.starts_with("invalid JSON"), "{detail}");
+    let out_of_range: String =
+        sqlx::query_scalar("SELECT detail FROM rejections WHERE reason = 'out_of_range' LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(out_of_range, "humidity = 150 is above max 100");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_json_senml_and_plain_values_exactly_through_mosquitto() {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let json = scenario(Format::Json, 3, 150, 6, &unique("json"));
+    let senml = scenario(Format::Senml, 3, 150, 6, &unique("senml"));
+    let value = scenario(Format::Value, 2, 150, 6, &unique("value"));
+    let scenarios = [(&json, "climate"), (&senml, "weather"), (&value, "probe")];
+    let (shutdown, gateway) =
+        start_gateway(&gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)).await;
+    for (s, _) in &scenarios {
+        publish_all(mosquitto.port, s, 1).await;
+    }
+    let expected = expected(&scenarios);
+    wait_until_stored(&db, &expected).await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+    assert_exact(&db, &expected).await;
+
+    let pool = read_pool(&db).await;
+    let units: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT DISTINCT metric, unit FROM series ORDER BY metric")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        units,
+        vec![("humidity".into(), Some("%".into())), ("temperature".into(), Some("°C".into()))]
+    );
+    let states: Vec<String> = sqlx::query_scalar("SELECT DISTINCT state FROM devices")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(states, vec!["stopped".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_equal_raw_readings_with_late_and_redelivered_readings() {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let prefix = unique("late");
+    let on_time = scenario(Format::Json, 4, 300, 0, &prefix);
+    // Late readings: older timestamps for the same devices, falling into buckets that
+    // already have rollups. Offset by half a period so no timestamp repeats an on-time one.
+    let late = Scenario { start_ms: on_time.start_ms - 45_125, ..on_time.clone() };
+    let scenarios = [(&on_time, "bay")];
+    let (shutdown, gateway) =
+        start_gateway(&gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)).await;
+    publish_all(mosquitto.port, &on_time, 1).await;
+    publish_all(mosquitto.port, &late, 1).await;
+    // Redelivery: the first half again.
+    let again = Scenario { messages_per_device: 150, ..on_time.clone() };
+    publish_all(mosquitto.port, &again, 1).await;
+
+    let mut expected = expected(&[(&on_time, "bay"), (&late, "bay")]);
+    expected.rejections.clear();
+    wait_until_stored(&db, &expected).await;
+    let pool = read_pool(&db).await;
+    let all_messages = (on_time.total_messages() + late.total_messages() + again.total_messages()) as i64;
+    wait_for("redelivered messages counted", Duration::from_secs(30), || {
+        let pool = pool.clone();
+        async move {
+            count(&pool, "SELECT sum(readings) + sum(duplicates) FROM devices").await
+                >= 2 * all_messages - count(&pool, "SELECT count(*) FROM rejections").await
+        }
+    })
+    .await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+
+    let stored = stored_readings(&pool).await;
+    assert_eq!(stored, expected.readings);
+    assert_eq!(count(&pool, "SELECT sum(duplicates) FROM devices").await, 2 * again.total_messages() as i64);
+    assert_eq!(rollup_mismatches(&pool).await, Vec::<String>::new());
+    let minute_total = count(&pool, "SELECT sum(n) FROM rollups WHERE width_ms = 60000").await;
+    assert_eq!(minute_total as usize, expected.readings.len());
+}

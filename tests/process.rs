@@ -1,0 +1,202 @@
+//! The gateway as a process: killed with SIGKILL mid-stream, stopped with SIGTERM, given a
+//! bad config.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sensorgate_sim::{Format, publish};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
+
+struct Gateway {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Gateway {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits for a log line containing `text`.
+    fn wait_for_log(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with `{text}` within {timeout:?}"),
+            }
+        }
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "gateway did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 20, 600, 0, &unique("kill"));
+    let scenarios = [(&s, "meter")];
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)).unwrap();
+
+    let mut gateway = Gateway::start(&config);
+    gateway.wait_for_log("Subscribed", Duration::from_secs(10));
+    let port = mosquitto.port;
+    let publisher = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            publish("127.0.0.1", port, &unique("pub"), s.messages(), 4000.0, 1, CancellationToken::new()).await
+        })
+    };
+    let mut seed = std::process::id() as u64;
+    println!("kill schedule seed {seed}");
+    let mut kills = 0;
+    while !publisher.is_finished() && kills < 3 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let pause = Duration::from_millis(700 + (seed >> 33) % 800);
+        tokio::time::sleep(pause).await;
+        gateway.child.kill().unwrap();
+        gateway.child.wait().unwrap();
+        kills += 1;
+        gateway = Gateway::start(&config);
+    }
+    assert!(kills >= 2, "publisher finished before the gateway was killed twice");
+    publisher.await.unwrap().expect("publisher");
+
+    let expected = expected(&scenarios);
+    let pool = read_pool(&db).await;
+    let want = expected.readings.len() as i64;
+    wait_for("every reading stored after restarts", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move { count(&pool, "SELECT count(*) FROM readings").await >= want }
+    })
+    .await;
+    gateway.sigterm();
+    assert!(gateway.wait_exit(Duration::from_secs(15)).success());
+
+    let stored = stored_readings(&pool).await;
+    println!(
+        "published {} messages, killed {kills} times, stored {} readings, redelivered {}",
+        s.total_messages(),
+        stored.len(),
+        count(&pool, "SELECT sum(duplicates) FROM devices").await
+    );
+    assert_eq!(stored, expected.readings, "lost or altered readings");
+    assert_eq!(rollup_mismatches(&pool).await, Vec::<String>::new());
+    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&pool).await.unwrap();
+    assert_eq!(integrity, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_commits_what_is_in_the_pipeline_and_acknowledges_it_before_exit() {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 10, 50, 0, &unique("term"));
+    let scenarios = [(&s, "pump")];
+    let config = dir.path().join("gateway.toml");
+    // A long flush interval holds everything in the pipeline: only the drain can commit it.
+    let text = gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)
+        .replace("[storage]\n", "[storage]\nflush_interval = \"1h\"\nbatch_size = 100000\n");
+    std::fs::write(&config, &text).unwrap();
+
+    let mut gateway = Gateway::start(&config);
+    gateway.wait_for_log("Subscribed", Duration::from_secs(10));
+    publish("127.0.0.1", mosquitto.port, &unique("pub"), s.messages(), 0.0, 1, CancellationToken::new())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pool = read_pool(&db).await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM readings").await, 0, "nothing committed before the stop");
+    gateway.sigterm();
+    assert!(gateway.wait_exit(Duration::from_secs(15)).success());
+    let expected = expected(&scenarios);
+    assert_eq!(stored_readings(&pool).await, expected.readings);
+
+    // Acknowledged before exit: a restarted gateway receives nothing again.
+    let mut again = Gateway::start(&config);
+    again.wait_for_log("Subscribed", Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    again.sigterm();
+    assert!(again.wait_exit(Duration::from_secs(15)).success());
+    assert_eq!(count(&pool, "SELECT sum(duplicates) FROM devices").await, 0, "messages were redelivered");
+}
+
+#[test]
+fn a_bad_config_exits_78_naming_file_line_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[pipeline]\ncapacity = 10\n").unwrap();
+    for command in ["run", "check-config"] {
+        let out = Command::new(BIN).args([command, "--config"]).arg(&config).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{command}: {stderr}");
+        assert!(stderr.contains(&format!("{}:2:", config.display())), "{stderr}");
+        assert!(stderr.contains("unknown field `capacity`"), "{stderr}");
+    }
+    let missing = Command::new(BIN).args(["check-config", "--config", "/nonexistent/x.toml"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/x.toml"));
+}
+
+#[test]
+fn print_config_prints_the_committed_example_and_it_checks_clean() {
+    let out = Command::new(BIN).arg("print-config").output().unwrap();
+    assert!(out.status.success());
+    let committed = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sensorgate.toml")).unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), committed);
+    let check = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sensorgate.toml"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
