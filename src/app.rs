@@ -61,8 +61,7 @@ impl Gateway {
                 }
             })
             .collect();
-        let writer =
-            storage::Writer::new(pool, entries, storage_config.retention.clone()).await?;
+        let writer = storage::Writer::new(pool, entries, storage_config.retention.clone()).await?;
 
         let capacity = config.pipeline.channel_capacity;
         let (events_tx, events_rx) = mpsc::channel(capacity);
@@ -77,7 +76,11 @@ impl Gateway {
             .collect();
 
         let pipeline = TaskTracker::new();
-        pipeline.spawn(pipeline::validate(Validator::new(&config), events_rx, stage_tx));
+        pipeline.spawn(pipeline::validate(
+            Validator::new(&config),
+            events_rx,
+            stage_tx,
+        ));
         pipeline.spawn(pipeline::aggregate(
             Batcher::new(widths, storage_config.batch_size),
             storage_config.flush_interval,

@@ -13,14 +13,18 @@ use crate::config::{self, Config, ConfigError};
 use crate::decode::parse_rfc3339;
 use crate::query::{Format, render};
 use crate::reading::{Millis, now_millis};
-use crate::storage::read::{Range, ReadStore};
 use crate::storage;
+use crate::storage::read::{Range, ReadStore};
 
 /// sysexits.h EX_CONFIG: systemd and scripts can tell a bad config from a crash.
 const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser, Debug)]
-#[command(name = "sensorgate", version, about = "IoT sensor gateway: MQTT sensors into a local SQLite historian")]
+#[command(
+    name = "sensorgate",
+    version,
+    about = "IoT sensor gateway: MQTT sensors into a local SQLite historian"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +104,10 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -122,8 +129,9 @@ pub fn main() -> ExitCode {
 
 fn init_tracing() {
     use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,rumqttd=off,rumqttc=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,rumqttd=off,rumqttc=warn")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -136,7 +144,10 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run(arg) => {
             let config = config::load(&arg.config)?;
             let shutdown = crate::service::cancel_on_signals();
-            Gateway::build(config).await?.run_until_stopped(shutdown).await?;
+            Gateway::build(config)
+                .await?
+                .run_until_stopped(shutdown)
+                .await?;
         }
         Command::CheckConfig(arg) => {
             let config = config::load(&arg.config)?;
@@ -171,7 +182,11 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             limit,
         } => {
             let now = now_millis();
-            let to = to.as_deref().map(|t| parse_time("--to", t)).transpose()?.unwrap_or(now + 1);
+            let to = to
+                .as_deref()
+                .map(|t| parse_time("--to", t))
+                .transpose()?
+                .unwrap_or(now + 1);
             let from = match from {
                 Some(from) => parse_time("--from", &from)?,
                 None => now - parse_duration("--since", &since)?.as_millis() as Millis,
@@ -181,9 +196,17 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let out = match every {
                 Some(every) => {
                     let width = parse_duration("--every", &every)?.as_millis() as Millis;
-                    render(&store.rollups(&device, metric.as_deref(), width, range).await?, format)
+                    render(
+                        &store
+                            .rollups(&device, metric.as_deref(), width, range)
+                            .await?,
+                        format,
+                    )
                 }
-                None => render(&store.readings(&device, metric.as_deref(), range).await?, format),
+                None => render(
+                    &store.readings(&device, metric.as_deref(), range).await?,
+                    format,
+                ),
             };
             print!("{out}");
         }
@@ -201,7 +224,10 @@ async fn read_store(arg: &DbArg) -> anyhow::Result<ReadStore> {
         None => db_path_from(&arg.config)?,
     };
     if !path.exists() {
-        anyhow::bail!("database {} does not exist; run the gateway first or pass --db", path.display());
+        anyhow::bail!(
+            "database {} does not exist; run the gateway first or pass --db",
+            path.display()
+        );
     }
     let pool = storage::open_read_only(&path).await?;
     Ok(ReadStore::new(pool))
@@ -221,7 +247,8 @@ fn parse_time(flag: &str, text: &str) -> anyhow::Result<Millis> {
     parse_rfc3339(text)
         .or_else(|| text.parse::<Millis>().ok())
         .with_context(|| {
-            format!("{flag} `{text}` is not a time; use RFC 3339 (2026-11-25T10:00:00Z) or epoch ms")
+            format!(
+                "{flag} `{text}` is not a time; use RFC 3339 (2026-11-25T10:00:00Z) or epoch ms"
+            )
         })
 }
-

@@ -20,8 +20,18 @@ pub fn device_config(scenario: &Scenario, id_prefix: &str, broker: &str) -> Stri
     for i in 0..scenario.devices {
         let name = Scenario::device_name(i);
         let (format, ts, temp_field, hum_field) = match scenario.format {
-            Format::Json => ("json", "timestamp_field = \"ts\"\n", "temp".to_string(), Some("hum".to_string())),
-            Format::Senml => ("senml", "", format!("{name}/temp"), Some(format!("{name}/hum"))),
+            Format::Json => (
+                "json",
+                "timestamp_field = \"ts\"\n",
+                "temp".to_string(),
+                Some("hum".to_string()),
+            ),
+            Format::Senml => (
+                "senml",
+                "",
+                format!("{name}/temp"),
+                Some(format!("{name}/hum")),
+            ),
             Format::Value => ("value", "", "temperature".to_string(), None),
         };
         let _ = write!(
@@ -93,10 +103,22 @@ pub async fn run(db: &Path, duration: Duration) -> anyhow::Result<()> {
         let cancel = stop.clone();
         let rate = rate_per_device * s.devices as f64;
         publishers.push(tokio::spawn(async move {
-            publish("127.0.0.1", port, &format!("demo-sim-{i}"), s.messages(), rate, 1, cancel).await
+            publish(
+                "127.0.0.1",
+                port,
+                &format!("demo-sim-{i}"),
+                s.messages(),
+                rate,
+                1,
+                cancel,
+            )
+            .await
         }));
     }
-    println!("{devices} simulated devices publishing for {duration:?} (Ctrl-C ends early); database {}", db.display());
+    println!(
+        "{devices} simulated devices publishing for {duration:?} (Ctrl-C ends early); database {}",
+        db.display()
+    );
 
     let store = ReadStore::new(storage::open_read_only(db).await?);
     let started = Instant::now();
@@ -127,9 +149,14 @@ pub async fn run(db: &Path, duration: Duration) -> anyhow::Result<()> {
     gateway.await??;
 
     let (stored, rejected) = totals(&store).await?;
-    println!("\nSummary: {published} messages published, {stored} readings stored, {rejected} rejected (faults injected on purpose).");
+    println!(
+        "\nSummary: {published} messages published, {stored} readings stored, {rejected} rejected (faults injected on purpose)."
+    );
     println!("\nDevices:");
-    print!("{}", crate::query::render(&store.devices().await?, crate::query::Format::Table));
+    print!(
+        "{}",
+        crate::query::render(&store.devices().await?, crate::query::Format::Table)
+    );
     let db = db.display();
     println!("\nTry:");
     println!("  sensorgate devices --db {db}");

@@ -24,16 +24,31 @@ async fn start_gateway(text: &str) -> (CancellationToken, JoinHandle<Result<(), 
     let pool = read_pool(&db).await;
     wait_for("devices subscribed", Duration::from_secs(10), || {
         let pool = pool.clone();
-        async move { count(&pool, "SELECT count(*) FROM devices WHERE state = 'connected'").await == devices }
+        async move {
+            count(
+                &pool,
+                "SELECT count(*) FROM devices WHERE state = 'connected'",
+            )
+            .await
+                == devices
+        }
     })
     .await;
     (shutdown, handle)
 }
 
 async fn publish_all(port: u16, scenario: &Scenario, qos: u8) {
-    let report = publish("127.0.0.1", port, &unique("pub"), scenario.messages(), 0.0, qos, CancellationToken::new())
-        .await
-        .expect("publisher");
+    let report = publish(
+        "127.0.0.1",
+        port,
+        &unique("pub"),
+        scenario.messages(),
+        0.0,
+        qos,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("publisher");
     assert_eq!(report.published, scenario.total_messages());
 }
 
@@ -67,11 +82,19 @@ async fn assert_exact(db: &Path, expected: &Expected) {
         .filter(|(k, _)| expected.readings.contains_key(*k))
         .map(|(k, v)| (k.clone(), *v))
         .collect();
-    assert_eq!(timed.len(), expected.readings.len(), "timed readings missing");
+    assert_eq!(
+        timed.len(),
+        expected.readings.len(),
+        "timed readings missing"
+    );
     for (key, value) in &expected.readings {
         assert_eq!(stored.get(key), Some(value), "reading {key:?}");
     }
-    assert_eq!(stored.len(), expected.readings.len() + expected.untimed_readings, "total readings");
+    assert_eq!(
+        stored.len(),
+        expected.readings.len() + expected.untimed_readings,
+        "total readings"
+    );
     assert_eq!(rejections_by_reason(&pool).await, expected.rejections);
     assert_eq!(rollup_mismatches(&pool).await, Vec::<String>::new());
 }
@@ -83,8 +106,14 @@ async fn stores_every_simulated_reading_with_exact_values_through_the_embedded_b
     let db = db_path(dir.path());
     let s = scenario(Format::Json, 5, 200, 7, &unique("emb"));
     let scenarios = [(&s, "climate")];
-    let (shutdown, gateway) =
-        start_gateway(&gateway_config(broker.port, &db, &unique("gw"), "", &scenarios)).await;
+    let (shutdown, gateway) = start_gateway(&gateway_config(
+        broker.port,
+        &db,
+        &unique("gw"),
+        "",
+        &scenarios,
+    ))
+    .await;
     publish_all(broker.port, &s, 1).await;
     let expected = expected(&scenarios);
     wait_until_stored(&db, &expected).await;
@@ -99,7 +128,10 @@ async fn stores_every_simulated_reading_with_exact_values_through_the_embedded_b
             .fetch_one(&pool)
             .await
             .unwrap();
-    let planned = s.messages().find(|m| m.payload == raw).expect("raw payload is a planned one");
+    let planned = s
+        .messages()
+        .find(|m| m.payload == raw)
+        .expect("raw payload is a planned one");
     assert_eq!(planned.fault, Some(sensorgate_sim::Fault::Malformed));
     assert!(detail.starts_with("invalid JSON"), "{detail}");
     let out_of_range: String =
@@ -119,8 +151,14 @@ async fn stores_json_senml_and_plain_values_exactly_through_mosquitto() {
     let senml = scenario(Format::Senml, 3, 150, 6, &unique("senml"));
     let value = scenario(Format::Value, 2, 150, 6, &unique("value"));
     let scenarios = [(&json, "climate"), (&senml, "weather"), (&value, "probe")];
-    let (shutdown, gateway) =
-        start_gateway(&gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)).await;
+    let (shutdown, gateway) = start_gateway(&gateway_config(
+        mosquitto.port,
+        &db,
+        &unique("gw"),
+        "",
+        &scenarios,
+    ))
+    .await;
     for (s, _) in &scenarios {
         publish_all(mosquitto.port, s, 1).await;
     }
@@ -138,7 +176,10 @@ async fn stores_json_senml_and_plain_values_exactly_through_mosquitto() {
             .unwrap();
     assert_eq!(
         units,
-        vec![("humidity".into(), Some("%".into())), ("temperature".into(), Some("°C".into()))]
+        vec![
+            ("humidity".into(), Some("%".into())),
+            ("temperature".into(), Some("°C".into()))
+        ]
     );
     let states: Vec<String> = sqlx::query_scalar("SELECT DISTINCT state FROM devices")
         .fetch_all(&pool)
@@ -156,35 +197,55 @@ async fn rollups_equal_raw_readings_with_late_and_redelivered_readings() {
     let on_time = scenario(Format::Json, 4, 300, 0, &prefix);
     // Late readings: older timestamps for the same devices, falling into buckets that
     // already have rollups. Offset by half a period so no timestamp repeats an on-time one.
-    let late = Scenario { start_ms: on_time.start_ms - 45_125, ..on_time.clone() };
+    let late = Scenario {
+        start_ms: on_time.start_ms - 45_125,
+        ..on_time.clone()
+    };
     let scenarios = [(&on_time, "bay")];
-    let (shutdown, gateway) =
-        start_gateway(&gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)).await;
+    let (shutdown, gateway) = start_gateway(&gateway_config(
+        mosquitto.port,
+        &db,
+        &unique("gw"),
+        "",
+        &scenarios,
+    ))
+    .await;
     publish_all(mosquitto.port, &on_time, 1).await;
     publish_all(mosquitto.port, &late, 1).await;
     // Redelivery: the first half again.
-    let again = Scenario { messages_per_device: 150, ..on_time.clone() };
+    let again = Scenario {
+        messages_per_device: 150,
+        ..on_time.clone()
+    };
     publish_all(mosquitto.port, &again, 1).await;
 
     let mut expected = expected(&[(&on_time, "bay"), (&late, "bay")]);
     expected.rejections.clear();
     wait_until_stored(&db, &expected).await;
     let pool = read_pool(&db).await;
-    let all_messages = (on_time.total_messages() + late.total_messages() + again.total_messages()) as i64;
-    wait_for("redelivered messages counted", Duration::from_secs(30), || {
-        let pool = pool.clone();
-        async move {
-            count(&pool, "SELECT sum(readings) + sum(duplicates) FROM devices").await
-                >= 2 * all_messages - count(&pool, "SELECT count(*) FROM rejections").await
-        }
-    })
+    let all_messages =
+        (on_time.total_messages() + late.total_messages() + again.total_messages()) as i64;
+    wait_for(
+        "redelivered messages counted",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                count(&pool, "SELECT sum(readings) + sum(duplicates) FROM devices").await
+                    >= 2 * all_messages - count(&pool, "SELECT count(*) FROM rejections").await
+            }
+        },
+    )
     .await;
     shutdown.cancel();
     gateway.await.unwrap().expect("clean drain");
 
     let stored = stored_readings(&pool).await;
     assert_eq!(stored, expected.readings);
-    assert_eq!(count(&pool, "SELECT sum(duplicates) FROM devices").await, 2 * again.total_messages() as i64);
+    assert_eq!(
+        count(&pool, "SELECT sum(duplicates) FROM devices").await,
+        2 * again.total_messages() as i64
+    );
     assert_eq!(rollup_mismatches(&pool).await, Vec::<String>::new());
     let minute_total = count(&pool, "SELECT sum(n) FROM rollups WHERE width_ms = 60000").await;
     assert_eq!(minute_total as usize, expected.readings.len());

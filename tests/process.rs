@@ -54,17 +54,24 @@ impl Gateway {
     }
 
     fn sigterm(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
+    #[allow(clippy::disallowed_methods, reason = "synchronous wait for a child process")]
     fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "gateway did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -85,7 +92,11 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() 
     let s = scenario(Format::Json, 20, 600, 0, &unique("kill"));
     let scenarios = [(&s, "meter")];
     let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)).unwrap();
+    std::fs::write(
+        &config,
+        gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios),
+    )
+    .unwrap();
 
     let mut gateway = Gateway::start(&config);
     gateway.wait_for_log("Subscribed", Duration::from_secs(10));
@@ -93,7 +104,16 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() 
     let publisher = {
         let s = s.clone();
         tokio::spawn(async move {
-            publish("127.0.0.1", port, &unique("pub"), s.messages(), 4000.0, 1, CancellationToken::new()).await
+            publish(
+                "127.0.0.1",
+                port,
+                &unique("pub"),
+                s.messages(),
+                4000.0,
+                1,
+                CancellationToken::new(),
+            )
+            .await
         })
     };
     let mut seed = std::process::id() as u64;
@@ -108,16 +128,23 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() 
         kills += 1;
         gateway = Gateway::start(&config);
     }
-    assert!(kills >= 2, "publisher finished before the gateway was killed twice");
+    assert!(
+        kills >= 2,
+        "publisher finished before the gateway was killed twice"
+    );
     publisher.await.unwrap().expect("publisher");
 
     let expected = expected(&scenarios);
     let pool = read_pool(&db).await;
     let want = expected.readings.len() as i64;
-    wait_for("every reading stored after restarts", Duration::from_secs(60), || {
-        let pool = pool.clone();
-        async move { count(&pool, "SELECT count(*) FROM readings").await >= want }
-    })
+    wait_for(
+        "every reading stored after restarts",
+        Duration::from_secs(60),
+        || {
+            let pool = pool.clone();
+            async move { count(&pool, "SELECT count(*) FROM readings").await >= want }
+        },
+    )
     .await;
     gateway.sigterm();
     assert!(gateway.wait_exit(Duration::from_secs(15)).success());
@@ -131,7 +158,10 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() 
     );
     assert_eq!(stored, expected.readings, "lost or altered readings");
     assert_eq!(rollup_mismatches(&pool).await, Vec::<String>::new());
-    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&pool).await.unwrap();
+    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(integrity, "ok");
 }
 
@@ -144,18 +174,32 @@ async fn sigterm_commits_what_is_in_the_pipeline_and_acknowledges_it_before_exit
     let scenarios = [(&s, "pump")];
     let config = dir.path().join("gateway.toml");
     // A long flush interval holds everything in the pipeline: only the drain can commit it.
-    let text = gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)
-        .replace("[storage]\n", "[storage]\nflush_interval = \"1h\"\nbatch_size = 100000\n");
+    let text = gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios).replace(
+        "[storage]\n",
+        "[storage]\nflush_interval = \"1h\"\nbatch_size = 100000\n",
+    );
     std::fs::write(&config, &text).unwrap();
 
     let mut gateway = Gateway::start(&config);
     gateway.wait_for_log("Subscribed", Duration::from_secs(10));
-    publish("127.0.0.1", mosquitto.port, &unique("pub"), s.messages(), 0.0, 1, CancellationToken::new())
-        .await
-        .unwrap();
+    publish(
+        "127.0.0.1",
+        mosquitto.port,
+        &unique("pub"),
+        s.messages(),
+        0.0,
+        1,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pool = read_pool(&db).await;
-    assert_eq!(count(&pool, "SELECT count(*) FROM readings").await, 0, "nothing committed before the stop");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM readings").await,
+        0,
+        "nothing committed before the stop"
+    );
     gateway.sigterm();
     assert!(gateway.wait_exit(Duration::from_secs(15)).success());
     let expected = expected(&scenarios);
@@ -167,7 +211,11 @@ async fn sigterm_commits_what_is_in_the_pipeline_and_acknowledges_it_before_exit
     tokio::time::sleep(Duration::from_secs(2)).await;
     again.sigterm();
     assert!(again.wait_exit(Duration::from_secs(15)).success());
-    assert_eq!(count(&pool, "SELECT sum(duplicates) FROM devices").await, 0, "messages were redelivered");
+    assert_eq!(
+        count(&pool, "SELECT sum(duplicates) FROM devices").await,
+        0,
+        "messages were redelivered"
+    );
 }
 
 #[test]
@@ -176,13 +224,23 @@ fn a_bad_config_exits_78_naming_file_line_and_fix() {
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[pipeline]\ncapacity = 10\n").unwrap();
     for command in ["run", "check-config"] {
-        let out = Command::new(BIN).args([command, "--config"]).arg(&config).output().unwrap();
+        let out = Command::new(BIN)
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{command}: {stderr}");
-        assert!(stderr.contains(&format!("{}:2:", config.display())), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{}:2:", config.display())),
+            "{stderr}"
+        );
         assert!(stderr.contains("unknown field `capacity`"), "{stderr}");
     }
-    let missing = Command::new(BIN).args(["check-config", "--config", "/nonexistent/x.toml"]).output().unwrap();
+    let missing = Command::new(BIN)
+        .args(["check-config", "--config", "/nonexistent/x.toml"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/x.toml"));
 }
@@ -191,12 +249,19 @@ fn a_bad_config_exits_78_naming_file_line_and_fix() {
 fn print_config_prints_the_committed_example_and_it_checks_clean() {
     let out = Command::new(BIN).arg("print-config").output().unwrap();
     assert!(out.status.success());
-    let committed = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sensorgate.toml")).unwrap();
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sensorgate.toml"),
+    )
+    .unwrap();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), committed);
     let check = Command::new(BIN)
         .args(["check-config", "--config"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sensorgate.toml"))
         .output()
         .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }

@@ -72,8 +72,10 @@ impl EmbeddedBroker {
             if Instant::now() > deadline {
                 return Err(BrokerError::NotListening(listen));
             }
-            // A blocking wait in a synchronous constructor, before any runtime work starts.
-            #[allow(clippy::disallowed_methods)]
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "a synchronous constructor waiting for the broker thread"
+            )]
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(Self { port })

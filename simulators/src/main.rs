@@ -74,7 +74,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             fault_every,
             topic_prefix,
         } => {
-            let period_ms = if rate > 0.0 { ((devices as f64 * 1000.0) / rate).max(1.0) as i64 } else { 1 };
+            let period_ms = if rate > 0.0 {
+                ((devices as f64 * 1000.0) / rate).max(1.0) as i64
+            } else {
+                1
+            };
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis() as i64;
@@ -93,7 +97,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
                 stop.cancel();
             });
-            let report = publish(&host, port, "sensorgate-sim", scenario.messages(), rate, qos, cancel).await?;
+            let report = publish(
+                &host,
+                port,
+                "sensorgate-sim",
+                scenario.messages(),
+                rate,
+                qos,
+                cancel,
+            )
+            .await?;
             println!(
                 "published {} messages in {:.1}s ({:.0}/s)",
                 report.published,

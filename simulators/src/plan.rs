@@ -13,7 +13,7 @@ pub enum Format {
 }
 
 /// Faults a sensor injects, cycled through when `fault_every` is set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Fault {
     /// Humidity 150 %: the temperature is stored, the humidity rejected.
     OutOfRange,
@@ -91,12 +91,24 @@ impl Scenario {
         }
         let time = self.start_ms + seq as i64 * self.period_ms;
         let temp = temperature(device, seq);
-        let hum = if fault == Some(Fault::OutOfRange) { 150.0 } else { humidity(device, seq) };
-        let stamp = if fault == Some(Fault::ClockSkew) { time + 86_400_000 } else { time };
+        let hum = if fault == Some(Fault::OutOfRange) {
+            150.0
+        } else {
+            humidity(device, seq)
+        };
+        let stamp = if fault == Some(Fault::ClockSkew) {
+            time + 86_400_000
+        } else {
+            time
+        };
         let nan = fault == Some(Fault::NotANumber);
         let payload = match self.format {
             Format::Json => {
-                let temp = if nan { "\"NaN\"".to_string() } else { temp.to_string() };
+                let temp = if nan {
+                    "\"NaN\"".to_string()
+                } else {
+                    temp.to_string()
+                };
                 format!(r#"{{"ts":{stamp},"temp":{temp},"hum":{hum}}}"#)
             }
             Format::Senml => format!(
@@ -105,7 +117,11 @@ impl Scenario {
                 stamp as f64 / 1000.0
             ),
             Format::Value => {
-                if nan { "NaN".to_string() } else { temp.to_string() }
+                if nan {
+                    "NaN".to_string()
+                } else {
+                    temp.to_string()
+                }
             }
         };
         let payload = match (fault, self.format) {
@@ -122,7 +138,9 @@ impl Scenario {
                 if nan {
                     expect.rejections.push("not_finite");
                 } else {
-                    expect.readings.push(("temperature", timed.then_some(time), temp));
+                    expect
+                        .readings
+                        .push(("temperature", timed.then_some(time), temp));
                 }
                 if self.format != Format::Value {
                     if fault == Some(Fault::OutOfRange) {
@@ -190,8 +208,14 @@ mod tests {
 
     #[test]
     fn the_same_scenario_yields_the_same_messages() {
-        let a: Vec<_> = scenario(Format::Json).messages().map(|m| m.payload).collect();
-        let b: Vec<_> = scenario(Format::Json).messages().map(|m| m.payload).collect();
+        let a: Vec<_> = scenario(Format::Json)
+            .messages()
+            .map(|m| m.payload)
+            .collect();
+        let b: Vec<_> = scenario(Format::Json)
+            .messages()
+            .map(|m| m.payload)
+            .collect();
         assert_eq!(a, b);
         assert_eq!(a.len(), 40);
     }
@@ -199,8 +223,10 @@ mod tests {
     #[test]
     fn every_fault_kind_appears() {
         for format in [Format::Json, Format::Senml, Format::Value] {
-            let faults: std::collections::HashSet<_> =
-                scenario(format).messages().filter_map(|m| m.fault).collect();
+            let faults: std::collections::HashSet<_> = scenario(format)
+                .messages()
+                .filter_map(|m| m.fault)
+                .collect();
             assert!(faults.contains(&Fault::Malformed), "{format:?}");
             assert!(faults.contains(&Fault::Duplicate), "{format:?}");
         }
@@ -215,7 +241,10 @@ mod tests {
                 assert_eq!(m.payload, msgs[i - 1].payload);
                 assert_eq!(m.expect, Expect::default());
                 let plain = scenario(Format::Value);
-                assert_eq!(plain.message(0, i as u64).expect, plain.message(0, i as u64 - 1).expect);
+                assert_eq!(
+                    plain.message(0, i as u64).expect,
+                    plain.message(0, i as u64 - 1).expect
+                );
             }
         }
     }

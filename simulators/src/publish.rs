@@ -52,7 +52,12 @@ pub async fn publish(
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => break,
             Ok(_) => {}
-            Err(err) => return Err(PublishError::Connect(format!("{host}:{port}"), err.to_string())),
+            Err(err) => {
+                return Err(PublishError::Connect(
+                    format!("{host}:{port}"),
+                    err.to_string(),
+                ));
+            }
         }
     }
     // The event loop runs on its own task; it counts what went out and what the broker
@@ -66,7 +71,12 @@ pub async fn publish(
                 Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => acked += 1,
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
                 Ok(_) => continue,
-                Err(err) => return Err(PublishError::Lost { sent, error: err.to_string() }),
+                Err(err) => {
+                    return Err(PublishError::Lost {
+                        sent,
+                        error: err.to_string(),
+                    });
+                }
             }
             progress_tx.send_replace((sent, acked));
         }
@@ -87,8 +97,14 @@ pub async fn publish(
             credit = 1000.0;
         }
         while credit >= 1.0 {
-            let Some(message) = messages.next() else { break };
-            if client.publish(message.topic, qos, false, message.payload).await.is_err() {
+            let Some(message) = messages.next() else {
+                break;
+            };
+            if client
+                .publish(message.topic, qos, false, message.payload)
+                .await
+                .is_err()
+            {
                 break;
             }
             published += 1;
@@ -98,12 +114,19 @@ pub async fn publish(
     // rumqttc drops what is still queued when it disconnects: wait until every publish is
     // written (QoS 0) or acknowledged by the broker (QoS 1 and 2).
     let done = |&(sent, acked): &(u64, u64)| {
-        if qos == QoS::AtMostOnce { sent >= published } else { acked >= published }
+        if qos == QoS::AtMostOnce {
+            sent >= published
+        } else {
+            acked >= published
+        }
     };
     if progress.wait_for(done).await.is_err() {
         return match driver.await {
             Ok(Err(err)) => Err(err),
-            _ => Err(PublishError::Lost { sent: published, error: "event loop ended".into() }),
+            _ => Err(PublishError::Lost {
+                sent: published,
+                error: "event loop ended".into(),
+            }),
         };
     }
     let _ = client.disconnect().await;
@@ -111,8 +134,14 @@ pub async fn publish(
         Ok(Ok(_)) => {}
         Ok(Err(err)) => return Err(err),
         Err(join) => {
-            return Err(PublishError::Lost { sent: published, error: join.to_string() });
+            return Err(PublishError::Lost {
+                sent: published,
+                error: join.to_string(),
+            });
         }
     }
-    Ok(PublishReport { published, elapsed: start.elapsed() })
+    Ok(PublishReport {
+        published,
+        elapsed: start.elapsed(),
+    })
 }

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    BrokerConfig, Config, DeviceConfig, PayloadFormat, PipelineConfig, RollupConfig,
-    StorageConfig, ValidationConfig,
+    BrokerConfig, Config, DeviceConfig, PayloadFormat, PipelineConfig, RollupConfig, StorageConfig,
+    ValidationConfig,
 };
 
 /// A config that cannot be used, with where and why.
@@ -97,7 +97,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         if brokers.iter().any(|b: &BrokerConfig| b.id == broker.id) {
             return Err(invalid(
                 offset,
-                format!("broker id `{}` is used twice; give each broker its own id", broker.id),
+                format!(
+                    "broker id `{}` is used twice; give each broker its own id",
+                    broker.id
+                ),
             ));
         }
         brokers.push(broker);
@@ -113,7 +116,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         if !ids.insert(device.id().to_string()) {
             return Err(invalid(
                 offset,
-                format!("device id `{}` is used twice; device ids must be unique", device.id()),
+                format!(
+                    "device id `{}` is used twice; device ids must be unique",
+                    device.id()
+                ),
             ));
         }
         devices.push(device);
@@ -139,7 +145,10 @@ fn check_device(device: &mut DeviceConfig, brokers: &[BrokerConfig]) -> Result<(
     let mut names = HashSet::new();
     for metric in device.metrics() {
         if !names.insert(metric.name.as_str()) {
-            return Err(format!("device `{id}`: metric `{}` is listed twice", metric.name));
+            return Err(format!(
+                "device `{id}`: metric `{}` is listed twice",
+                metric.name
+            ));
         }
         if let (Some(min), Some(max)) = (metric.min, metric.max)
             && min > max
@@ -303,7 +312,9 @@ mod tests {
 
     #[test]
     fn unknown_key_names_line_and_suggests_the_right_one() {
-        let err = parse_str("[storage]\nbatch_sise = 10\n").unwrap_err().to_string();
+        let err = parse_str("[storage]\nbatch_sise = 10\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("test.toml:2:"), "{err}");
         assert!(err.contains("did you mean `batch_size`?"), "{err}");
     }
@@ -315,7 +326,10 @@ mod tests {
         );
         let err = parse_str(&text).unwrap_err().to_string();
         assert!(err.contains("topik"), "{err}");
-        assert!(err.starts_with("test.toml:4:") || err.starts_with("test.toml:9:"), "{err}");
+        assert!(
+            err.starts_with("test.toml:4:") || err.starts_with("test.toml:9:"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -361,20 +375,27 @@ mod tests {
                 "{BROKER}[[devices]]\nkind = \"mqtt\"\nid = \"a\"\ntopic = \"{topic}\"\nformat = \"json\"\n"
             );
             let err = parse_str(&text).unwrap_err().to_string();
-            assert!(err.contains("not a valid MQTT topic filter"), "{topic}: {err}");
+            assert!(
+                err.contains("not a valid MQTT topic filter"),
+                "{topic}: {err}"
+            );
         }
     }
 
     #[test]
     fn broker_url_must_be_mqtt() {
-        let err = parse_str("[[brokers]]\nurl = \"http://x\"\n").unwrap_err().to_string();
+        let err = parse_str("[[brokers]]\nurl = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("test.toml:1:"), "{err}");
         assert!(err.contains("mqtt://host:1883"), "{err}");
     }
 
     #[test]
     fn zero_batch_size_is_refused_at_its_line() {
-        let err = parse_str("[storage]\nbatch_size = 0\n").unwrap_err().to_string();
+        let err = parse_str("[storage]\nbatch_size = 0\n")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "test.toml:2: batch_size must be at least 1");
     }
 

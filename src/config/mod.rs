@@ -355,7 +355,9 @@ mod duration {
 
     pub fn parse(text: &str) -> Result<Duration, String> {
         humantime::parse_duration(text).map_err(|err| {
-            format!("`{text}` is not a duration ({err}); write it like \"500ms\", \"30s\" or \"1h\"")
+            format!(
+                "`{text}` is not a duration ({err}); write it like \"500ms\", \"30s\" or \"1h\""
+            )
         })
     }
 

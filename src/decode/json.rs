@@ -43,7 +43,13 @@ fn decode_object(decoder: &Decoder, object: &Value) -> Decoded {
     };
     let mut readings = Vec::new();
     if decoder.fields.is_empty() {
-        collect_leaves(object, &mut String::new(), decoder, source_time, &mut readings);
+        collect_leaves(
+            object,
+            &mut String::new(),
+            decoder,
+            source_time,
+            &mut readings,
+        );
         if readings.is_empty() {
             return Err(DecodeError("the object has no numeric field".into()));
         }
@@ -53,8 +59,12 @@ fn decode_object(decoder: &Decoder, object: &Value) -> Decoded {
         let Some(value) = lookup(object, field) else {
             continue;
         };
-        let value = number(value)
-            .ok_or_else(|| DecodeError(format!("field `{field}` is {}, expected a number", kind(value))))?;
+        let value = number(value).ok_or_else(|| {
+            DecodeError(format!(
+                "field `{field}` is {}, expected a number",
+                kind(value)
+            ))
+        })?;
         readings.push(RawReading {
             field: field.clone(),
             value,

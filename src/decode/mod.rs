@@ -125,7 +125,11 @@ mod golden {
             .map(|e| e.unwrap().path())
             .collect();
         cases.sort();
-        assert!(cases.len() >= 15, "golden cases missing in {}", root.display());
+        assert!(
+            cases.len() >= 15,
+            "golden cases missing in {}",
+            root.display()
+        );
         for case in cases {
             let name = case.file_name().unwrap().to_string_lossy().to_string();
             let spec: Spec =
@@ -155,7 +159,10 @@ mod golden {
                     assert_eq!(got, want, "case {name}");
                 }
                 (Outcome::Error { error }, Err(got)) => {
-                    assert!(got.0.contains(&error), "case {name}: `{got}` lacks `{error}`");
+                    assert!(
+                        got.0.contains(&error),
+                        "case {name}: `{got}` lacks `{error}`"
+                    );
                 }
                 (want, got) => panic!(
                     "case {name}: expected {}, got {got:?}",
@@ -183,7 +190,11 @@ mod golden {
     fn arbitrary_bytes_never_panic_any_decoder() {
         const ALPHABET: &[u8] = b"{}[]\":,0123456789.eE-+ntrufalsbvt\xff";
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        for format in [PayloadFormat::Json, PayloadFormat::Senml, PayloadFormat::Value] {
+        for format in [
+            PayloadFormat::Json,
+            PayloadFormat::Senml,
+            PayloadFormat::Value,
+        ] {
             let decoder = Decoder {
                 format,
                 timestamp_field: Some("ts".into()),

@@ -94,5 +94,5 @@ pub(super) fn decode(decoder: &Decoder, payload: &[u8], now: Millis) -> Decoded 
 /// SenML times are always seconds.
 fn seconds_to_millis(seconds: f64) -> Option<Millis> {
     let millis = (seconds * 1000.0).round();
-    (millis.is_finite() && millis >= 0.0 && millis < 1e16).then_some(millis as Millis)
+    (0.0..1e16).contains(&millis).then_some(millis as Millis)
 }

@@ -31,7 +31,10 @@ impl Batcher {
         let batch = &mut self.batch;
         batch.messages += 1;
         for reading in checked.readings {
-            let key = ((reading.device.clone(), reading.metric.clone()), reading.time);
+            let key = (
+                (reading.device.clone(), reading.metric.clone()),
+                reading.time,
+            );
             if self.keys.insert(key) {
                 batch.rollups.add(&reading);
                 batch.readings.push(reading);
@@ -98,7 +101,14 @@ mod tests {
         let mut b = Batcher::new(vec![60_000], 100);
         let d = DeviceId::new("d");
         for _ in 0..2 {
-            b.push(&d, Checked { readings: vec![reading(1000, 1.0)], rejections: vec![] }, None);
+            b.push(
+                &d,
+                Checked {
+                    readings: vec![reading(1000, 1.0)],
+                    rejections: vec![],
+                },
+                None,
+            );
         }
         let batch = b.take();
         assert_eq!(batch.readings.len(), 1);
@@ -113,15 +123,37 @@ mod tests {
     fn rollup_cells_cover_each_window() {
         let mut b = Batcher::new(vec![60_000, 3_600_000], 100);
         let d = DeviceId::new("d");
-        let readings = vec![reading(59_000, 3.0), reading(61_000, 5.0), reading(1_000, 1.0)];
-        b.push(&d, Checked { readings, rejections: vec![] }, None);
+        let readings = vec![
+            reading(59_000, 3.0),
+            reading(61_000, 5.0),
+            reading(1_000, 1.0),
+        ];
+        b.push(
+            &d,
+            Checked {
+                readings,
+                rejections: vec![],
+            },
+            None,
+        );
         let batch = b.take();
         let mut cells: Vec<_> = batch.rollups.iter().map(|(k, c)| (k.1, k.2, *c)).collect();
         cells.sort_by_key(|c| (c.0, c.1));
         assert_eq!(cells.len(), 3);
         let (_, _, minute0) = cells[0];
-        assert_eq!((minute0.count, minute0.min, minute0.max, minute0.sum), (2, 1.0, 3.0, 4.0));
-        assert_eq!((minute0.first_time, minute0.first, minute0.last_time, minute0.last), (1_000, 1.0, 59_000, 3.0));
+        assert_eq!(
+            (minute0.count, minute0.min, minute0.max, minute0.sum),
+            (2, 1.0, 3.0, 4.0)
+        );
+        assert_eq!(
+            (
+                minute0.first_time,
+                minute0.first,
+                minute0.last_time,
+                minute0.last
+            ),
+            (1_000, 1.0, 59_000, 3.0)
+        );
         let (_, _, hour) = cells[2];
         assert_eq!((hour.count, hour.first, hour.last), (3, 1.0, 5.0));
     }
@@ -130,9 +162,23 @@ mod tests {
     fn is_full_at_the_configured_size() {
         let mut b = Batcher::new(vec![60_000], 2);
         let d = DeviceId::new("d");
-        b.push(&d, Checked { readings: vec![reading(1, 1.0)], rejections: vec![] }, None);
+        b.push(
+            &d,
+            Checked {
+                readings: vec![reading(1, 1.0)],
+                rejections: vec![],
+            },
+            None,
+        );
         assert!(!b.is_full());
-        b.push(&d, Checked { readings: vec![reading(2, 1.0)], rejections: vec![] }, None);
+        b.push(
+            &d,
+            Checked {
+                readings: vec![reading(2, 1.0)],
+                rejections: vec![],
+            },
+            None,
+        );
         assert!(b.is_full());
         b.take();
         assert!(b.is_empty());

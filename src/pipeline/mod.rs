@@ -45,7 +45,10 @@ pub async fn validate(
                 device: message.device,
             },
             SourceEvent::Rejected { rejection, ticket } => Stage::Message {
-                device: rejection.device.clone().unwrap_or_else(|| DeviceId::new("")),
+                device: rejection
+                    .device
+                    .clone()
+                    .unwrap_or_else(|| DeviceId::new("")),
                 checked: Checked {
                     readings: Vec::new(),
                     rejections: vec![rejection],

@@ -108,10 +108,14 @@ impl Validator {
         if rule.is_none() && restricted && self.limits.unknown_metrics == UnknownMetrics::Reject {
             return Err((
                 RejectReason::UnknownMetric,
-                format!("metric `{}` is not configured for device `{device}`", raw.field),
+                format!(
+                    "metric `{}` is not configured for device `{device}`",
+                    raw.field
+                ),
             ));
         }
-        let metric: Arc<str> = rule.map_or_else(|| Arc::from(raw.field.as_str()), |r| r.name.clone());
+        let metric: Arc<str> =
+            rule.map_or_else(|| Arc::from(raw.field.as_str()), |r| r.name.clone());
         if !raw.value.is_finite() {
             return Err((
                 RejectReason::NotFinite,
@@ -143,7 +147,9 @@ impl Validator {
                         format!(
                             "{metric}: timestamp {} is {} ahead of the gateway clock (max_future {})",
                             format_rfc3339(time),
-                            humantime::format_duration(std::time::Duration::from_millis(ahead as u64)),
+                            humantime::format_duration(std::time::Duration::from_millis(
+                                ahead as u64
+                            )),
                             humantime::format_duration(self.limits.max_future)
                         ),
                     ));
@@ -243,7 +249,10 @@ mod tests {
         let out = validator("").check(&message(vec![raw("hum", 40.0, Some(NOW - 10))]));
         assert_eq!(out.rejections, vec![]);
         let r = &out.readings[0];
-        assert_eq!((&*r.metric, r.unit.as_deref(), r.value, r.time), ("humidity", Some("%"), 40.0, NOW - 10));
+        assert_eq!(
+            (&*r.metric, r.unit.as_deref(), r.value, r.time),
+            ("humidity", Some("%"), 40.0, NOW - 10)
+        );
         assert_eq!(r.flags, ReadingFlags(0));
     }
 
@@ -263,12 +272,19 @@ mod tests {
             raw("x", f64::INFINITY, None),
         ]));
         assert_eq!(out.rejections.len(), 2);
-        assert!(out.rejections.iter().all(|r| r.reason == RejectReason::NotFinite));
+        assert!(
+            out.rejections
+                .iter()
+                .all(|r| r.reason == RejectReason::NotFinite)
+        );
     }
 
     #[test]
     fn keeps_the_good_values_of_a_message_with_a_bad_one() {
-        let out = validator("").check(&message(vec![raw("hum", 50.0, None), raw("hum2", f64::NAN, None)]));
+        let out = validator("").check(&message(vec![
+            raw("hum", 50.0, None),
+            raw("hum2", f64::NAN, None),
+        ]));
         assert_eq!(out.readings.len(), 1);
         assert_eq!(out.rejections.len(), 1);
     }
@@ -286,7 +302,8 @@ mod tests {
     fn unknown_metrics_follow_the_policy() {
         let stored = validator("").check(&message(vec![raw("co2", 400.0, None)]));
         assert_eq!(&*stored.readings[0].metric, "co2");
-        let rejected = validator("unknown_metrics = \"reject\"").check(&message(vec![raw("co2", 400.0, None)]));
+        let rejected = validator("unknown_metrics = \"reject\"")
+            .check(&message(vec![raw("co2", 400.0, None)]));
         assert_eq!(rejected.rejections[0].reason, RejectReason::UnknownMetric);
     }
 
@@ -302,8 +319,18 @@ mod tests {
         assert_eq!(out.readings.len(), 2);
         assert!(out.readings[0].flags.has(ReadingFlags::SKEWED));
         assert!(!out.readings[1].flags.has(ReadingFlags::SKEWED));
-        assert!(out.rejections.iter().all(|r| r.reason == RejectReason::BadTimestamp));
-        assert!(out.rejections[0].detail.contains("ahead of the gateway clock"), "{}", out.rejections[0].detail);
+        assert!(
+            out.rejections
+                .iter()
+                .all(|r| r.reason == RejectReason::BadTimestamp)
+        );
+        assert!(
+            out.rejections[0]
+                .detail
+                .contains("ahead of the gateway clock"),
+            "{}",
+            out.rejections[0].detail
+        );
     }
 
     #[test]
@@ -311,7 +338,12 @@ mod tests {
         let mut v = validator("");
         let first = v.check(&message(vec![raw("hum", 1.0, None), raw("hum", 2.0, None)]));
         let second = v.check(&message(vec![raw("hum", 3.0, None)]));
-        let times: Vec<_> = first.readings.iter().chain(&second.readings).map(|r| r.time).collect();
+        let times: Vec<_> = first
+            .readings
+            .iter()
+            .chain(&second.readings)
+            .map(|r| r.time)
+            .collect();
         assert_eq!(times, vec![NOW, NOW + 1, NOW + 2]);
         assert!(first.readings[0].flags.has(ReadingFlags::RECEIVE_TIME));
     }

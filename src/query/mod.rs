@@ -44,7 +44,10 @@ pub fn render<R: Tabular + Serialize>(rows: &[R], format: Format) -> String {
                     .collect();
                 let _ = writeln!(out, "{}", text.join("  ").trim_end());
             };
-            line(&mut out, &R::HEADER.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+            line(
+                &mut out,
+                &R::HEADER.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+            );
             for row in &cells {
                 line(&mut out, row);
             }
@@ -86,8 +89,9 @@ impl Tabular for ReadingRow {
 }
 
 impl Tabular for RollupRow {
-    const HEADER: &'static [&'static str] =
-        &["bucket", "device", "metric", "count", "min", "max", "mean", "first", "last", "unit"];
+    const HEADER: &'static [&'static str] = &[
+        "bucket", "device", "metric", "count", "min", "max", "mean", "first", "last", "unit",
+    ];
     fn cells(&self) -> Vec<String> {
         vec![
             time(Some(self.bucket)),
@@ -106,8 +110,16 @@ impl Tabular for RollupRow {
 
 impl Tabular for DeviceRow {
     const HEADER: &'static [&'static str] = &[
-        "device", "kind", "state", "since", "last_seen", "readings", "rejections", "duplicates",
-        "dropped", "last_error",
+        "device",
+        "kind",
+        "state",
+        "since",
+        "last_seen",
+        "readings",
+        "rejections",
+        "duplicates",
+        "dropped",
+        "last_error",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
@@ -144,7 +156,10 @@ mod tests {
     #[test]
     fn renders_csv_with_header() {
         let out = render(&[row()], Format::Csv);
-        assert_eq!(out, "time,device,metric,value,unit,flags\n2023-11-14T22:13:20Z,bay3,temp,21.5,°C,0\n");
+        assert_eq!(
+            out,
+            "time,device,metric,value,unit,flags\n2023-11-14T22:13:20Z,bay3,temp,21.5,°C,0\n"
+        );
     }
 
     #[test]

@@ -115,7 +115,9 @@ mod tests {
             let n = 20;
             let mut tickets: Vec<_> = (0..n).map(|i| (i, w.push(i))).collect();
             for i in (1..tickets.len()).rev() {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 tickets.swap(i, (seed >> 33) as usize % (i + 1));
             }
             let mut acked = Vec::new();

@@ -28,7 +28,11 @@ pub struct Outlet {
 }
 
 impl Outlet {
-    pub fn new(events: mpsc::Sender<SourceEvent>, overflow: Overflow, dropped: Arc<DropCounter>) -> Self {
+    pub fn new(
+        events: mpsc::Sender<SourceEvent>,
+        overflow: Overflow,
+        dropped: Arc<DropCounter>,
+    ) -> Self {
         Self {
             events,
             overflow,
@@ -39,7 +43,11 @@ impl Outlet {
     /// Sends one message; false when the pipeline is gone.
     pub async fn send(&self, mut message: Message) -> bool {
         match self.overflow {
-            Overflow::Block => self.events.send(SourceEvent::Message(message)).await.is_ok(),
+            Overflow::Block => self
+                .events
+                .send(SourceEvent::Message(message))
+                .await
+                .is_ok(),
             Overflow::DropNewest => match self.events.try_send(SourceEvent::Message(message)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
@@ -74,7 +82,9 @@ pub fn spawn_all(
             .devices
             .iter()
             .filter_map(|d| match d {
-                crate::config::DeviceConfig::Mqtt(m) if m.broker.as_deref() == Some(&broker.id) => Some(m.clone()),
+                crate::config::DeviceConfig::Mqtt(m) if m.broker.as_deref() == Some(&broker.id) => {
+                    Some(m.clone())
+                }
                 _ => None,
             })
             .collect();

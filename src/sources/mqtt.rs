@@ -71,7 +71,9 @@ impl Settle for AckBoard {
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock means a panic while holding it; the window itself stays consistent
     // because every method completes its update before returning.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Starts the broker's session task and its devices' tasks.
@@ -101,7 +103,11 @@ pub(super) fn spawn_broker(
             decoder: Decoder {
                 format: device.format,
                 timestamp_field: device.timestamp_field.clone(),
-                fields: device.metrics.iter().map(|m| m.field().to_string()).collect(),
+                fields: device
+                    .metrics
+                    .iter()
+                    .map(|m| m.field().to_string())
+                    .collect(),
             },
             expected_interval: device.expected_interval,
             outlet: Outlet::new(events.clone(), pipeline.overflow, dropped),
@@ -209,10 +215,9 @@ impl Session {
                     self.subscribe(&client);
                     tracing::info!(broker = %self.broker.id, "Broker connected");
                 }
-                Some(Ok(Event::Incoming(Packet::Publish(publish)))) => {
-                    if !stopping {
-                        self.receive(publish, &mut pending);
-                    }
+                // After the stop, new publishes stay unacknowledged: the broker keeps them.
+                Some(Ok(Event::Incoming(Packet::Publish(publish)))) if !stopping => {
+                    self.receive(publish, &mut pending);
                 }
                 Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
                     let refused: Vec<&str> = ack
@@ -227,7 +232,10 @@ impl Session {
                         self.link.send_replace(Link::Up);
                     } else {
                         tracing::error!(broker = %self.broker.id, topics = ?refused, "Broker refused subscriptions; check its ACLs");
-                        self.link.send_replace(Link::Down(format!("subscription refused for {}", refused.join(", "))));
+                        self.link.send_replace(Link::Down(format!(
+                            "subscription refused for {}",
+                            refused.join(", ")
+                        )));
                     }
                 }
                 Some(Ok(_)) => {}
@@ -283,7 +291,11 @@ impl Session {
         });
         let topic: Arc<str> = Arc::from(publish.topic.as_str());
         let payload: Arc<[u8]> = Arc::from(&publish.payload[..]);
-        match self.routes.iter().position(|r| topic_matches(&r.filter, &topic)) {
+        match self
+            .routes
+            .iter()
+            .position(|r| topic_matches(&r.filter, &topic))
+        {
             Some(route) => pending.push_back((
                 route,
                 Delivery {

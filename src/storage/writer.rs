@@ -68,15 +68,20 @@ impl Writer {
             drop_counters.push((id, entry.dropped));
         }
         tx.commit().await?;
-        let rows = sqlx::query("SELECT s.id, d.name, s.metric FROM series s JOIN devices d ON d.id = s.device_id")
-            .fetch_all(&pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT s.id, d.name, s.metric FROM series s JOIN devices d ON d.id = s.device_id",
+        )
+        .fetch_all(&pool)
+        .await?;
         let series = rows
             .into_iter()
             .map(|row| {
                 let name: String = row.get(1);
                 let metric: String = row.get(2);
-                ((DeviceId::new(&name), Arc::from(metric.as_str())), row.get(0))
+                (
+                    (DeviceId::new(&name), Arc::from(metric.as_str())),
+                    row.get(0),
+                )
             })
             .collect();
         Ok(Self {
@@ -200,7 +205,10 @@ impl Writer {
             }
         }
         for (device, n) in &batch.duplicates {
-            per_device.entry(self.devices[device]).or_default().duplicates += n;
+            per_device
+                .entry(self.devices[device])
+                .or_default()
+                .duplicates += n;
         }
 
         if inserted.len() == batch.readings.len() {

@@ -21,7 +21,11 @@ pub fn init_logging() {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `condition` until it holds or `timeout` passes; panics with `what` on timeout.
@@ -32,7 +36,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -51,6 +58,7 @@ impl Mosquitto {
         Self::start_at(dir, port)
     }
 
+    #[allow(clippy::disallowed_methods, reason = "synchronous wait for a child process")]
     fn start_at(dir: tempfile::TempDir, port: u16) -> Self {
         let conf = dir.path().join("mosquitto.conf");
         let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
@@ -75,7 +83,10 @@ impl Mosquitto {
             .expect("mosquitto must be installed (apt-get install mosquitto)");
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Self { port, child, dir }
@@ -91,7 +102,13 @@ impl Drop for Mosquitto {
 
 /// A gateway config for `scenarios` (each with its device id prefix) on the broker at
 /// `port`, writing to `db`.
-pub fn gateway_config(port: u16, db: &Path, client_id: &str, extra: &str, scenarios: &[(&Scenario, &str)]) -> String {
+pub fn gateway_config(
+    port: u16,
+    db: &Path,
+    client_id: &str,
+    extra: &str,
+    scenarios: &[(&Scenario, &str)],
+) -> String {
     let mut text = format!(
         "{extra}\n[storage]\npath = \"{}\"\n\n[[brokers]]\nid = \"test\"\nurl = \"mqtt://127.0.0.1:{port}\"\n\
          client_id = \"{client_id}\"\n\n",
@@ -104,12 +121,20 @@ pub fn gateway_config(port: u16, db: &Path, client_id: &str, extra: &str, scenar
 }
 
 pub fn unique(name: &str) -> String {
-    format!("{name}-{}-{}", std::process::id(), sensorgate::reading::now_millis() % 1_000_000)
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        sensorgate::reading::now_millis() % 1_000_000
+    )
 }
 
 pub async fn read_pool(db: &Path) -> SqlitePool {
     let options = SqliteConnectOptions::new().filename(db).read_only(true);
-    SqlitePoolOptions::new().max_connections(2).connect_with(options).await.unwrap()
+    SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .unwrap()
 }
 
 /// `(device, metric, time) -> value` for every stored reading.
@@ -143,12 +168,16 @@ pub fn expected(scenarios: &[(&Scenario, &str)]) -> Expected {
     let mut out = Expected::default();
     for (scenario, prefix) in scenarios {
         for message in scenario.messages() {
-            let Expect { readings, rejections } = message.expect;
+            let Expect {
+                readings,
+                rejections,
+            } = message.expect;
             for (metric, time, value) in readings {
                 let device = format!("{prefix}-{}", message.device);
                 match time {
                     Some(time) => {
-                        out.readings.insert((device, metric.to_string(), time), value);
+                        out.readings
+                            .insert((device, metric.to_string(), time), value);
                     }
                     None => out.untimed_readings += 1,
                 }
@@ -235,7 +264,13 @@ pub fn db_path(dir: &Path) -> PathBuf {
 }
 
 /// The scenario's messages starting `now`-ish, one timestamp per `period_ms`.
-pub fn scenario(format: sensorgate_sim::Format, devices: usize, messages: u64, fault_every: u64, prefix: &str) -> Scenario {
+pub fn scenario(
+    format: sensorgate_sim::Format,
+    devices: usize,
+    messages: u64,
+    fault_every: u64,
+    prefix: &str,
+) -> Scenario {
     Scenario {
         devices,
         messages_per_device: messages,
