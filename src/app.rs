@@ -38,12 +38,7 @@ impl Gateway {
     /// When the database cannot be opened, migrated or written.
     pub async fn build(config: Config) -> Result<Self, AppError> {
         let storage_config = &config.storage;
-        let pool = storage::open_for_writing(
-            &storage_config.path,
-            storage_config.synchronous,
-            storage_config.busy_timeout,
-        )
-        .await?;
+        let pool = storage::open_for_writing(storage_config).await?;
         let drop_counters: HashMap<DeviceId, Arc<DropCounter>> = config
             .devices
             .iter()

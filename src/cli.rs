@@ -162,9 +162,8 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::PrintConfig => print!("{}", config::EXAMPLE),
         Command::Migrate(arg) => {
             let config = config::load(&arg.config)?;
-            let s = &config.storage;
-            storage::open_for_writing(&s.path, s.synchronous, s.busy_timeout).await?;
-            println!("{}: migrated", s.path.display());
+            storage::open_for_writing(&config.storage).await?;
+            println!("{}: migrated", config.storage.path.display());
         }
         Command::Devices { db, format } => {
             let store = read_store(&db).await?;

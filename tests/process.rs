@@ -61,7 +61,10 @@ impl Gateway {
         assert!(status.success());
     }
 
-    #[allow(clippy::disallowed_methods, reason = "synchronous wait for a child process")]
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "synchronous wait for a child process"
+    )]
     fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {

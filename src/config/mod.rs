@@ -48,6 +48,9 @@ pub struct StorageConfig {
     pub synchronous: Synchronous,
     #[serde(with = "duration")]
     pub busy_timeout: Duration,
+    /// SQLite's page cache for the writer, in MiB. Inserts touch one page per series per
+    /// batch, so it should hold a few pages per series.
+    pub cache_mib: u32,
     pub retention: RetentionConfig,
 }
 
@@ -55,10 +58,11 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             path: "/var/lib/sensorgate/sensorgate.db".into(),
-            batch_size: 2000,
+            batch_size: 10_000,
             flush_interval: Duration::ZERO,
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
+            cache_mib: 16,
             retention: RetentionConfig::default(),
         }
     }

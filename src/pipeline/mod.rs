@@ -20,6 +20,9 @@ use crate::storage::Batch;
 use aggregate::Batcher;
 use validate::{Checked, Validator};
 
+/// The most events a stage takes from its input in one wake-up.
+const RECV_BURST: usize = 256;
+
 /// What validation hands to aggregation.
 #[derive(Debug)]
 pub enum Stage {
@@ -37,29 +40,33 @@ pub async fn validate(
     mut input: mpsc::Receiver<SourceEvent>,
     output: mpsc::Sender<Stage>,
 ) {
-    while let Some(event) = input.recv().await {
-        let stage = match event {
-            SourceEvent::Message(mut message) => Stage::Message {
-                checked: validator.check(&message),
-                ticket: message.ticket.take(),
-                device: message.device,
-            },
-            SourceEvent::Rejected { rejection, ticket } => Stage::Message {
-                device: rejection
-                    .device
-                    .clone()
-                    .unwrap_or_else(|| DeviceId::new("")),
-                checked: Checked {
-                    readings: Vec::new(),
-                    rejections: vec![rejection],
+    // Taking whatever is queued at once costs one wake-up per burst, not per message.
+    let mut events = Vec::with_capacity(RECV_BURST);
+    while input.recv_many(&mut events, RECV_BURST).await > 0 {
+        for event in events.drain(..) {
+            let stage = match event {
+                SourceEvent::Message(mut message) => Stage::Message {
+                    checked: validator.check(&message),
+                    ticket: message.ticket.take(),
+                    device: message.device,
                 },
-                ticket,
-            },
-            SourceEvent::Status(status) => Stage::Status(status),
-        };
-        if output.send(stage).await.is_err() {
-            tracing::error!("Aggregate stage gone; validation stops");
-            return;
+                SourceEvent::Rejected { rejection, ticket } => Stage::Message {
+                    device: rejection
+                        .device
+                        .clone()
+                        .unwrap_or_else(|| DeviceId::new("")),
+                    checked: Checked {
+                        readings: Vec::new(),
+                        rejections: vec![rejection],
+                    },
+                    ticket,
+                },
+                SourceEvent::Status(status) => Stage::Status(status),
+            };
+            if output.send(stage).await.is_err() {
+                tracing::error!("Aggregate stage gone; validation stops");
+                return;
+            }
         }
     }
 }
@@ -75,17 +82,22 @@ pub async fn aggregate(
 ) {
     let mut last_flush = Instant::now();
     let mut open = true;
+    let mut items = Vec::with_capacity(RECV_BURST);
     while open {
         let due = last_flush + flush_interval;
         let may_flush = !batcher.is_empty() && (batcher.is_full() || Instant::now() >= due);
         let waiting_for_due = !batcher.is_empty() && !may_flush;
         tokio::select! {
             biased;
-            item = input.recv(), if !batcher.is_full() => match item {
-                Some(Stage::Message { device, checked, ticket }) => batcher.push(&device, checked, ticket),
-                Some(Stage::Status(status)) => batcher.push_status(status),
-                None => open = false,
-            },
+            received = input.recv_many(&mut items, RECV_BURST), if !batcher.is_full() => {
+                open = received > 0;
+                for item in items.drain(..) {
+                    match item {
+                        Stage::Message { device, checked, ticket } => batcher.push(&device, checked, ticket),
+                        Stage::Status(status) => batcher.push_status(status),
+                    }
+                }
+            }
             permit = output.reserve(), if may_flush => match permit {
                 Ok(permit) => {
                     permit.send(batcher.take());

@@ -116,6 +116,8 @@ pub(super) fn spawn_broker(
     }
     let session = Session {
         broker,
+        unsent: VecDeque::new(),
+        router: Router::new(routes.iter().map(|r| r.filter.as_str())),
         routes,
         events: Some(events),
         link: link_tx,
@@ -134,6 +136,9 @@ fn qos(level: u8) -> QoS {
 
 struct Session {
     broker: BrokerConfig,
+    /// Acknowledgements due but not yet taken by rumqttc's request channel.
+    unsent: VecDeque<Publish>,
+    router: Router,
     routes: Vec<Route>,
     /// For publishes no device claims; dropped at shutdown like the routes.
     events: Option<mpsc::Sender<SourceEvent>>,
@@ -164,12 +169,17 @@ impl Session {
         let mut stopping = false;
 
         loop {
+            self.acknowledge(&client);
             let window_len = lock(&self.board.window).len();
-            if stopping && window_len == 0 && pending.is_empty() {
+            let unacked = window_len + self.unsent.len();
+            if stopping && unacked == 0 && pending.is_empty() {
                 break;
             }
-            let can_poll = !stopping || window_len > 0;
-            let full = pending.len() >= max_unacked || window_len >= max_unacked;
+            let can_poll = !stopping || unacked > 0;
+            // Poll while acknowledgements wait to go out; otherwise stop reading once
+            // max_unacked messages wait, and let TCP push back on the broker.
+            let full = pending.len() >= max_unacked
+                || (window_len >= max_unacked && self.unsent.is_empty());
             let event = if can_poll && !full {
                 let poll = eventloop.poll();
                 tokio::pin!(poll);
@@ -187,7 +197,7 @@ impl Session {
                     }
                     if stopping && pending.is_empty() {
                         self.close_inputs();
-                        if lock(&self.board.window).is_empty() {
+                        if self.unsent.is_empty() && lock(&self.board.window).is_empty() {
                             break None;
                         }
                     }
@@ -212,6 +222,7 @@ impl Session {
                 Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                     backoff.reset();
                     lock(&self.board.window).reset();
+                    self.unsent.clear();
                     self.subscribe(&client);
                     tracing::info!(broker = %self.broker.id, "Broker connected");
                 }
@@ -240,7 +251,10 @@ impl Session {
                 }
                 Some(Ok(_)) => {}
                 Some(Err(err)) => {
+                    // The broker delivers everything unacknowledged again on the next
+                    // connection; settlements from this one no longer count.
                     lock(&self.board.window).reset();
+                    self.unsent.clear();
                     if stopping {
                         break;
                     }
@@ -291,11 +305,7 @@ impl Session {
         });
         let topic: Arc<str> = Arc::from(publish.topic.as_str());
         let payload: Arc<[u8]> = Arc::from(&publish.payload[..]);
-        match self
-            .routes
-            .iter()
-            .position(|r| topic_matches(&r.filter, &topic))
-        {
+        match self.router.find(&topic) {
             Some(route) => pending.push_back((
                 route,
                 Delivery {
@@ -328,12 +338,28 @@ impl Session {
         }
     }
 
-    /// Sends every acknowledgement that is due, in arrival order.
-    fn acknowledge(&self, client: &AsyncClient) {
-        let mut window = lock(&self.board.window);
-        while let Some(publish) = window.pop_ready() {
-            if let Err(err) = client.try_ack(&publish) {
-                tracing::warn!(broker = %self.broker.id, error = %err, "Could not queue an acknowledgement; the broker will redeliver");
+    /// Queues every acknowledgement that is due, in arrival order. rumqttc takes requests
+    /// from its channel only between incoming packets, so under load the channel can fill:
+    /// what does not fit waits in `unsent` and goes after the next poll. An acknowledgement is
+    /// never dropped while the connection lives, or the broker's in-flight slot would stay
+    /// taken and delivery would stall.
+    fn acknowledge(&mut self, client: &AsyncClient) {
+        {
+            let mut window = lock(&self.board.window);
+            while let Some(publish) = window.pop_ready() {
+                self.unsent.push_back(publish);
+            }
+        }
+        while let Some(publish) = self.unsent.front() {
+            match client.try_ack(publish) {
+                Ok(()) => {
+                    self.unsent.pop_front();
+                }
+                Err(rumqttc::ClientError::TryRequest(_)) => break,
+                Err(err) => {
+                    tracing::warn!(broker = %self.broker.id, error = %err, "Event loop gone; the broker will redeliver what was not acknowledged");
+                    self.unsent.clear();
+                }
             }
         }
     }
@@ -368,6 +394,39 @@ fn describe(err: &ConnectionError) -> String {
     match err {
         ConnectionError::Io(io) => format!("I/O: {io}"),
         other => other.to_string(),
+    }
+}
+
+/// Finds the first filter (in config order) that matches a topic: exact filters by hash,
+/// wildcard filters by scan, so routing costs the same for 10 devices or 1,000.
+struct Router {
+    exact: HashMap<String, usize>,
+    wildcards: Vec<(usize, String)>,
+}
+
+impl Router {
+    fn new<'a>(filters: impl Iterator<Item = &'a str>) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcards = Vec::new();
+        for (i, filter) in filters.enumerate() {
+            if filter.contains(['+', '#']) {
+                wildcards.push((i, filter.to_string()));
+            } else {
+                exact.entry(filter.to_string()).or_insert(i);
+            }
+        }
+        Self { exact, wildcards }
+    }
+
+    fn find(&self, topic: &str) -> Option<usize> {
+        let exact = self.exact.get(topic).copied();
+        let wildcard = self
+            .wildcards
+            .iter()
+            .take_while(|(i, _)| exact.is_none_or(|e| *i < e))
+            .find(|(_, filter)| topic_matches(filter, topic))
+            .map(|(i, _)| *i);
+        wildcard.or(exact)
     }
 }
 
@@ -467,6 +526,18 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn router_picks_the_first_matching_filter_in_config_order() {
+        let router = Router::new(["a/+", "a/b", "c/d", "#"].into_iter());
+        assert_eq!(router.find("a/b"), Some(0));
+        assert_eq!(router.find("c/d"), Some(2));
+        assert_eq!(router.find("x"), Some(3));
+        let exact_first = Router::new(["a/b", "a/+"].into_iter());
+        assert_eq!(exact_first.find("a/b"), Some(0));
+        assert_eq!(exact_first.find("a/c"), Some(1));
+        assert_eq!(Router::new(["a/b"].into_iter()).find("a/c"), None);
+    }
 
     #[test]
     fn topic_filters_match_like_a_broker() {

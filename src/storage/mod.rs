@@ -15,7 +15,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use crate::config::Synchronous;
+use crate::config::{StorageConfig, Synchronous};
 use crate::reading::{DeviceId, Reading, Rejection, Rollups, StatusChange, Ticket};
 
 pub use read::ReadStore;
@@ -63,11 +63,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 ///
 /// # Errors
 /// When the file cannot be opened or created, or a migration fails.
-pub async fn open_for_writing(
-    path: &Path,
-    synchronous: Synchronous,
-    busy_timeout: Duration,
-) -> Result<SqlitePool, StorageError> {
+pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, StorageError> {
+    let path = config.path.as_path();
     let name = path.display().to_string();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|err| StorageError::Open {
@@ -79,12 +76,14 @@ pub async fn open_for_writing(
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(match synchronous {
+        .synchronous(match config.synchronous {
             Synchronous::Full => SqliteSynchronous::Full,
             Synchronous::Normal => SqliteSynchronous::Normal,
         })
-        .busy_timeout(busy_timeout)
-        .foreign_keys(false);
+        .busy_timeout(config.busy_timeout)
+        .foreign_keys(false)
+        // Negative: a size in KiB rather than in pages.
+        .pragma("cache_size", format!("-{}", u64::from(config.cache_mib) * 1024));
     let pool = SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(1)

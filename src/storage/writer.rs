@@ -122,9 +122,19 @@ impl Writer {
     async fn commit_with_retry(&mut self, batch: Batch) {
         let mut delay = RETRY_MIN;
         let mut failures = 0u32;
+        let started = std::time::Instant::now();
         loop {
             match self.write(&batch).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    tracing::debug!(
+                        readings = batch.readings.len(),
+                        rejections = batch.rejections.len(),
+                        messages = batch.messages,
+                        micros = started.elapsed().as_micros() as u64,
+                        "Batch committed"
+                    );
+                    break;
+                }
                 Err(err) => {
                     failures += 1;
                     if failures == 1 {
@@ -176,30 +186,50 @@ impl Writer {
         let mut per_device: HashMap<i64, DeviceDelta> = HashMap::new();
         self.ensure_series(&mut tx, &batch.readings, added).await?;
 
-        let mut inserted: HashSet<(i64, Millis)> = HashSet::new();
+        // The common case stores every reading, so insert without RETURNING; only when some
+        // keys already existed (a redelivery) redo the inserts naming the new rows, so the
+        // rollups and counters cover exactly what was stored.
+        sqlx::query("SAVEPOINT readings").execute(&mut *tx).await?;
+        let mut stored = 0;
         for chunk in batch.readings.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO readings (series_id, ts, received_at, value, flags) ",
-            );
-            query.push_values(chunk, |mut row, r| {
-                row.push_bind(self.series[&(r.device.clone(), r.metric.clone())])
-                    .push_bind(r.time)
-                    .push_bind(r.received_at)
-                    .push_bind(r.value)
-                    .push_bind(i64::from(r.flags.0));
-            });
-            query.push(" ON CONFLICT DO NOTHING RETURNING series_id, ts");
-            for row in query.build().fetch_all(&mut *tx).await? {
-                inserted.insert((row.get(0), row.get(1)));
-            }
+            stored += self
+                .insert_readings(chunk, "")
+                .build()
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         }
+        let new_keys: Option<HashSet<(i64, Millis)>> = if stored == batch.readings.len() as u64 {
+            None
+        } else {
+            sqlx::query("ROLLBACK TO readings")
+                .execute(&mut *tx)
+                .await?;
+            let mut keys = HashSet::new();
+            for chunk in batch.readings.chunks(ROWS_PER_STATEMENT) {
+                let mut query = self.insert_readings(chunk, " RETURNING series_id, ts");
+                for row in query.build().fetch_all(&mut *tx).await? {
+                    keys.insert((row.get(0), row.get(1)));
+                }
+            }
+            Some(keys)
+        };
+        sqlx::query("RELEASE readings").execute(&mut *tx).await?;
 
+        let mut fresh = new_keys
+            .as_ref()
+            .map(|_| Rollups::new(batch.rollups.widths().to_vec()));
         for reading in &batch.readings {
             let delta = per_device.entry(self.devices[&reading.device]).or_default();
             delta.last_seen = delta.last_seen.max(reading.received_at);
-            let series = self.series[&(reading.device.clone(), reading.metric.clone())];
-            if inserted.contains(&(series, reading.time)) {
+            let is_new = new_keys
+                .as_ref()
+                .is_none_or(|keys| keys.contains(&(self.series_id(reading), reading.time)));
+            if is_new {
                 delta.readings += 1;
+                if let Some(fresh) = &mut fresh {
+                    fresh.add(reading);
+                }
             } else {
                 delta.duplicates += 1;
             }
@@ -210,18 +240,8 @@ impl Writer {
                 .or_default()
                 .duplicates += n;
         }
-
-        if inserted.len() == batch.readings.len() {
-            self.upsert_rollups(&mut tx, &batch.rollups).await?;
-        } else {
-            let mut fresh = Rollups::new(batch.rollups.widths().to_vec());
-            for reading in batch.readings.iter().filter(|r| {
-                inserted.contains(&(self.series[&(r.device.clone(), r.metric.clone())], r.time))
-            }) {
-                fresh.add(reading);
-            }
-            self.upsert_rollups(&mut tx, &fresh).await?;
-        }
+        self.upsert_rollups(&mut tx, fresh.as_ref().unwrap_or(&batch.rollups))
+            .await?;
 
         for chunk in batch.rejections.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::<Sqlite>::new(
@@ -268,6 +288,26 @@ impl Writer {
         update_devices(&mut tx, &per_device).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    fn series_id(&self, reading: &Reading) -> i64 {
+        self.series[&(reading.device.clone(), reading.metric.clone())]
+    }
+
+    /// `INSERT ... ON CONFLICT DO NOTHING` for `chunk`, followed by `tail`.
+    fn insert_readings(&self, chunk: &[Reading], tail: &str) -> QueryBuilder<Sqlite> {
+        let mut query =
+            QueryBuilder::new("INSERT INTO readings (series_id, ts, received_at, value, flags) ");
+        query.push_values(chunk, |mut row, r| {
+            row.push_bind(self.series_id(r))
+                .push_bind(r.time)
+                .push_bind(r.received_at)
+                .push_bind(r.value)
+                .push_bind(i64::from(r.flags.0));
+        });
+        query.push(" ON CONFLICT DO NOTHING");
+        query.push(tail);
+        query
     }
 
     /// Gives every series in `readings` an id, inserting the new ones, and records in `added`
@@ -421,25 +461,30 @@ struct DeviceDelta {
     dropped: u64,
 }
 
+/// Folds the batch's per-device counters into `devices` with one statement.
 async fn update_devices(
     tx: &mut SqliteConnection,
     deltas: &HashMap<i64, DeviceDelta>,
 ) -> Result<(), StorageError> {
-    for (id, delta) in deltas {
-        sqlx::query(
+    let deltas: Vec<_> = deltas.iter().collect();
+    for chunk in deltas.chunks(ROWS_PER_STATEMENT / 2) {
+        let mut query = QueryBuilder::<Sqlite>::new(
             "UPDATE devices SET \
-             last_seen = CASE WHEN ?1 > 0 THEN max(coalesce(last_seen, 0), ?1) ELSE last_seen END, \
-             readings = readings + ?2, rejections = rejections + ?3, \
-             duplicates = duplicates + ?4, dropped = dropped + ?5 WHERE id = ?6",
-        )
-        .bind(delta.last_seen)
-        .bind(delta.readings as i64)
-        .bind(delta.rejections as i64)
-        .bind(delta.duplicates as i64)
-        .bind(delta.dropped as i64)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+             last_seen = CASE WHEN d.column2 > 0 THEN max(coalesce(devices.last_seen, 0), d.column2) \
+                         ELSE devices.last_seen END, \
+             readings = readings + d.column3, rejections = rejections + d.column4, \
+             duplicates = duplicates + d.column5, dropped = dropped + d.column6 FROM (",
+        );
+        query.push_values(chunk, |mut row, (id, delta)| {
+            row.push_bind(**id)
+                .push_bind(delta.last_seen)
+                .push_bind(delta.readings as i64)
+                .push_bind(delta.rejections as i64)
+                .push_bind(delta.duplicates as i64)
+                .push_bind(delta.dropped as i64);
+        });
+        query.push(") AS d WHERE devices.id = d.column1");
+        query.build().execute(&mut *tx).await?;
     }
     Ok(())
 }

@@ -4,11 +4,11 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use sensorgate_sim::Mosquitto;
 use sensorgate_sim::{Scenario, plan::Expect};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
@@ -41,62 +41,6 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A Mosquitto process of the test's own, with persistence in a temp dir. Killed on drop.
-pub struct Mosquitto {
-    pub port: u16,
-    child: Child,
-    pub dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        Self::start_at(dir, port)
-    }
-
-    #[allow(clippy::disallowed_methods, reason = "synchronous wait for a child process")]
-    fn start_at(dir: tempfile::TempDir, port: u16) -> Self {
-        let conf = dir.path().join("mosquitto.conf");
-        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {}/\nautosave_interval 1\nuser {user}\n\
-                 max_inflight_messages 1000\nmax_queued_messages 1000000\n\
-                 log_dest file {}/mosquitto.log\n",
-                dir.path().display(),
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto must be installed (apt-get install mosquitto)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { port, child, dir }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
