@@ -188,12 +188,18 @@ impl Writer {
 
         // The common case stores every reading, so insert without RETURNING; only when some
         // keys already existed (a redelivery) redo the inserts naming the new rows, so the
-        // rollups and counters cover exactly what was stored.
+        // rollups and counters cover exactly what was stored. In key order, consecutive rows
+        // land on the same B-tree page.
+        let mut rows: Vec<(i64, &Reading)> = batch
+            .readings
+            .iter()
+            .map(|r| (self.series_id(r), r))
+            .collect();
+        rows.sort_unstable_by_key(|(series, r)| (*series, r.time));
         sqlx::query("SAVEPOINT readings").execute(&mut *tx).await?;
         let mut stored = 0;
-        for chunk in batch.readings.chunks(ROWS_PER_STATEMENT) {
-            stored += self
-                .insert_readings(chunk, "")
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            stored += Self::insert_readings(chunk, "")
                 .build()
                 .execute(&mut *tx)
                 .await?
@@ -206,8 +212,8 @@ impl Writer {
                 .execute(&mut *tx)
                 .await?;
             let mut keys = HashSet::new();
-            for chunk in batch.readings.chunks(ROWS_PER_STATEMENT) {
-                let mut query = self.insert_readings(chunk, " RETURNING series_id, ts");
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut query = Self::insert_readings(chunk, " RETURNING series_id, ts");
                 for row in query.build().fetch_all(&mut *tx).await? {
                     keys.insert((row.get(0), row.get(1)));
                 }
@@ -295,11 +301,11 @@ impl Writer {
     }
 
     /// `INSERT ... ON CONFLICT DO NOTHING` for `chunk`, followed by `tail`.
-    fn insert_readings(&self, chunk: &[Reading], tail: &str) -> QueryBuilder<Sqlite> {
+    fn insert_readings(chunk: &[(i64, &Reading)], tail: &str) -> QueryBuilder<Sqlite> {
         let mut query =
             QueryBuilder::new("INSERT INTO readings (series_id, ts, received_at, value, flags) ");
-        query.push_values(chunk, |mut row, r| {
-            row.push_bind(self.series_id(r))
+        query.push_values(chunk, |mut row, (series, r)| {
+            row.push_bind(*series)
                 .push_bind(r.time)
                 .push_bind(r.received_at)
                 .push_bind(r.value)
