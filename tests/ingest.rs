@@ -250,3 +250,114 @@ async fn rollups_equal_raw_readings_with_late_and_redelivered_readings() {
     let minute_total = count(&pool, "SELECT sum(n) FROM rollups WHERE width_ms = 60000").await;
     assert_eq!(minute_total as usize, expected.readings.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_reconnects_resubscribes_and_loses_nothing() {
+    let mut mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 10, 400, 0, &unique("restart"));
+    let scenarios = [(&s, "line")];
+    let config = gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)
+        .replace("client_id", "reconnect_max = \"1s\"\nclient_id");
+    let (shutdown, gateway) = start_gateway(&config).await;
+    let half = s.total_messages() as usize / 2;
+    let first: Vec<_> = s.messages().take(half).collect();
+    let rest: Vec<_> = s.messages().skip(half).collect();
+    let report = publish("127.0.0.1", mosquitto.port, &unique("pub"), first.into_iter(), 0.0, 1, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.published as usize, half);
+
+    // A crash of the broker: everything it accepted is in its persistence file.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mosquitto.kill();
+    let pool = read_pool(&db).await;
+    wait_for("devices marked failing while the broker is down", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move { count(&pool, "SELECT count(*) FROM devices WHERE state = 'failing'").await == 10 }
+    })
+    .await;
+    let error: String = sqlx::query_scalar("SELECT last_error FROM devices LIMIT 1").fetch_one(&pool).await.unwrap();
+    assert!(error.starts_with("broker test:"), "{error}");
+    mosquitto.restart();
+    wait_for("devices connected again", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move { count(&pool, "SELECT count(*) FROM devices WHERE state = 'connected'").await == 10 }
+    })
+    .await;
+    // Published after the restart: only a resubscribed session receives these.
+    publish("127.0.0.1", mosquitto.port, &unique("pub"), rest.into_iter(), 0.0, 1, CancellationToken::new())
+        .await
+        .unwrap();
+    let expected = expected(&scenarios);
+    wait_until_stored(&db, &expected).await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+    assert_exact(&db, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_device_turns_stale_and_recovers_when_it_speaks() {
+    let broker = EmbeddedBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 1, 1, 0, &unique("stale"));
+    let scenarios = [(&s, "quiet")];
+    let config = gateway_config(broker.port, &db, &unique("gw"), "", &scenarios)
+        .replace("timestamp_field", "expected_interval = \"300ms\"\ntimestamp_field");
+    let (shutdown, gateway) = start_gateway(&config).await;
+    let pool = read_pool(&db).await;
+    let state = |pool: sqlx::SqlitePool| async move {
+        sqlx::query_scalar::<_, String>("SELECT state || ':' || coalesce(last_error, '') FROM devices")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    wait_for("stale after 300ms of silence", Duration::from_secs(5), || {
+        let pool = pool.clone();
+        async move { state(pool).await == "stale:no message for 300ms" }
+    })
+    .await;
+    publish_all(broker.port, &s, 1).await;
+    wait_for("connected after a message", Duration::from_secs(5), || {
+        let pool = pool.clone();
+        async move { state(pool).await == "connected:" }
+    })
+    .await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_newest_counts_exactly_what_it_dropped() {
+    let broker = EmbeddedBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 4, 2000, 0, &unique("drop"));
+    let scenarios = [(&s, "burst")];
+    // A tiny pipeline and a slow commit cadence force the policy to act.
+    let extra = "[pipeline]\noverflow = \"drop_newest\"\nchannel_capacity = 4\ndevice_queue = 4\n";
+    let config = gateway_config(broker.port, &db, &unique("gw"), extra, &scenarios)
+        .replace("[storage]\n", "[storage]\nflush_interval = \"50ms\"\nbatch_size = 50\n");
+    let (shutdown, gateway) = start_gateway(&config).await;
+    publish_all(broker.port, &s, 1).await;
+    let pool = read_pool(&db).await;
+    let total = s.total_messages() as i64;
+    wait_for("every message stored or dropped", Duration::from_secs(30), || {
+        let pool = pool.clone();
+        async move {
+            let stored = count(&pool, "SELECT count(*) FROM readings").await / 2;
+            stored + count(&pool, "SELECT sum(dropped) FROM devices").await == total
+        }
+    })
+    .await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+    let dropped = count(&pool, "SELECT sum(dropped) FROM devices").await;
+    let stored_messages = count(&pool, "SELECT count(*) FROM readings").await / 2;
+    println!("published {total}, stored {stored_messages}, dropped {dropped}");
+    assert!(dropped > 0, "the policy never dropped; the test did not overload the pipeline");
+    assert_eq!(stored_messages + dropped, total);
+    assert_eq!(rollup_mismatches(&pool).await, Vec::<String>::new());
+}
