@@ -264,32 +264,69 @@ async fn broker_restart_mid_stream_reconnects_resubscribes_and_loses_nothing() {
     let half = s.total_messages() as usize / 2;
     let first: Vec<_> = s.messages().take(half).collect();
     let rest: Vec<_> = s.messages().skip(half).collect();
-    let report = publish("127.0.0.1", mosquitto.port, &unique("pub"), first.into_iter(), 0.0, 1, CancellationToken::new())
-        .await
-        .unwrap();
+    let report = publish(
+        "127.0.0.1",
+        mosquitto.port,
+        &unique("pub"),
+        first.into_iter(),
+        0.0,
+        1,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.published as usize, half);
 
     // A crash of the broker: everything it accepted is in its persistence file.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     mosquitto.kill();
     let pool = read_pool(&db).await;
-    wait_for("devices marked failing while the broker is down", Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move { count(&pool, "SELECT count(*) FROM devices WHERE state = 'failing'").await == 10 }
-    })
+    wait_for(
+        "devices marked failing while the broker is down",
+        Duration::from_secs(10),
+        || {
+            let pool = pool.clone();
+            async move {
+                count(
+                    &pool,
+                    "SELECT count(*) FROM devices WHERE state = 'failing'",
+                )
+                .await
+                    == 10
+            }
+        },
+    )
     .await;
-    let error: String = sqlx::query_scalar("SELECT last_error FROM devices LIMIT 1").fetch_one(&pool).await.unwrap();
+    let error: String = sqlx::query_scalar("SELECT last_error FROM devices LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert!(error.starts_with("broker test:"), "{error}");
     mosquitto.restart();
     wait_for("devices connected again", Duration::from_secs(10), || {
         let pool = pool.clone();
-        async move { count(&pool, "SELECT count(*) FROM devices WHERE state = 'connected'").await == 10 }
+        async move {
+            count(
+                &pool,
+                "SELECT count(*) FROM devices WHERE state = 'connected'",
+            )
+            .await
+                == 10
+        }
     })
     .await;
     // Published after the restart: only a resubscribed session receives these.
-    publish("127.0.0.1", mosquitto.port, &unique("pub"), rest.into_iter(), 0.0, 1, CancellationToken::new())
-        .await
-        .unwrap();
+    publish(
+        "127.0.0.1",
+        mosquitto.port,
+        &unique("pub"),
+        rest.into_iter(),
+        0.0,
+        1,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let expected = expected(&scenarios);
     wait_until_stored(&db, &expected).await;
     shutdown.cancel();
@@ -304,20 +341,28 @@ async fn a_silent_device_turns_stale_and_recovers_when_it_speaks() {
     let db = db_path(dir.path());
     let s = scenario(Format::Json, 1, 1, 0, &unique("stale"));
     let scenarios = [(&s, "quiet")];
-    let config = gateway_config(broker.port, &db, &unique("gw"), "", &scenarios)
-        .replace("timestamp_field", "expected_interval = \"300ms\"\ntimestamp_field");
+    let config = gateway_config(broker.port, &db, &unique("gw"), "", &scenarios).replace(
+        "timestamp_field",
+        "expected_interval = \"300ms\"\ntimestamp_field",
+    );
     let (shutdown, gateway) = start_gateway(&config).await;
     let pool = read_pool(&db).await;
     let state = |pool: sqlx::SqlitePool| async move {
-        sqlx::query_scalar::<_, String>("SELECT state || ':' || coalesce(last_error, '') FROM devices")
-            .fetch_one(&pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar::<_, String>(
+            "SELECT state || ':' || coalesce(last_error, '') FROM devices",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
     };
-    wait_for("stale after 300ms of silence", Duration::from_secs(5), || {
-        let pool = pool.clone();
-        async move { state(pool).await == "stale:no message for 300ms" }
-    })
+    wait_for(
+        "stale after 300ms of silence",
+        Duration::from_secs(5),
+        || {
+            let pool = pool.clone();
+            async move { state(pool).await == "stale:no message for 300ms" }
+        },
+    )
     .await;
     publish_all(broker.port, &s, 1).await;
     wait_for("connected after a message", Duration::from_secs(5), || {
@@ -338,26 +383,102 @@ async fn drop_newest_counts_exactly_what_it_dropped() {
     let scenarios = [(&s, "burst")];
     // A tiny pipeline and a slow commit cadence force the policy to act.
     let extra = "[pipeline]\noverflow = \"drop_newest\"\nchannel_capacity = 4\ndevice_queue = 4\n";
-    let config = gateway_config(broker.port, &db, &unique("gw"), extra, &scenarios)
-        .replace("[storage]\n", "[storage]\nflush_interval = \"50ms\"\nbatch_size = 50\n");
+    let config = gateway_config(broker.port, &db, &unique("gw"), extra, &scenarios).replace(
+        "[storage]\n",
+        "[storage]\nflush_interval = \"50ms\"\nbatch_size = 50\n",
+    );
     let (shutdown, gateway) = start_gateway(&config).await;
     publish_all(broker.port, &s, 1).await;
     let pool = read_pool(&db).await;
     let total = s.total_messages() as i64;
-    wait_for("every message stored or dropped", Duration::from_secs(30), || {
-        let pool = pool.clone();
-        async move {
-            let stored = count(&pool, "SELECT count(*) FROM readings").await / 2;
-            stored + count(&pool, "SELECT sum(dropped) FROM devices").await == total
-        }
-    })
+    wait_for(
+        "every message stored or dropped",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let stored = count(&pool, "SELECT count(*) FROM readings").await / 2;
+                stored + count(&pool, "SELECT sum(dropped) FROM devices").await == total
+            }
+        },
+    )
     .await;
     shutdown.cancel();
     gateway.await.unwrap().expect("clean drain");
     let dropped = count(&pool, "SELECT sum(dropped) FROM devices").await;
     let stored_messages = count(&pool, "SELECT count(*) FROM readings").await / 2;
     println!("published {total}, stored {stored_messages}, dropped {dropped}");
-    assert!(dropped > 0, "the policy never dropped; the test did not overload the pipeline");
+    assert!(
+        dropped > 0,
+        "the policy never dropped; the test did not overload the pipeline"
+    );
     assert_eq!(stored_messages + dropped, total);
     assert_eq!(rollup_mismatches(&pool).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_expired_rows_in_small_steps_and_keeps_the_rest() {
+    let broker = EmbeddedBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let now = sensorgate::reading::now_millis();
+    // 3 devices, one message every 18 s over the last 3 hours.
+    let s = Scenario {
+        start_ms: now - 3 * 3_600_000,
+        period_ms: 18_000,
+        ..scenario(Format::Json, 3, 600, 0, &unique("ret"))
+    };
+    let scenarios = [(&s, "old")];
+    let retention = "[storage.retention]\nreadings = \"1h\"\nrollups = \"2h\"\n\
+                     interval = \"100ms\"\nstep_rows = 50\n[storage]\n";
+    let config = gateway_config(broker.port, &db, &unique("gw"), "", &scenarios)
+        .replace("[storage]\n", retention);
+    let (shutdown, gateway) = start_gateway(&config).await;
+    publish_all(broker.port, &s, 1).await;
+    let pool = read_pool(&db).await;
+    let hour_ago = now - 3_600_000;
+    let two_hours_ago = now - 2 * 3_600_000;
+    let older = |sql: &'static str, cutoff: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(cutoff)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    wait_for(
+        "expired readings and rollups deleted",
+        Duration::from_secs(20),
+        || async {
+            older("SELECT count(*) FROM readings WHERE ts < ?1", hour_ago).await == 0
+                && older(
+                    "SELECT count(*) FROM rollups WHERE bucket < ?1",
+                    two_hours_ago,
+                )
+                .await
+                    == 0
+        },
+    )
+    .await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+    // The cutoff moves with the clock while the test runs: rows a minute clear of it stay.
+    let safe = hour_ago + 60_000;
+    let want = expected(&scenarios)
+        .readings
+        .keys()
+        .filter(|(_, _, t)| *t >= safe)
+        .count() as i64;
+    let kept = older("SELECT count(*) FROM readings WHERE ts >= ?1", safe).await;
+    assert_eq!(
+        kept, want,
+        "readings inside the retention window were deleted"
+    );
+    let kept_rollups = older("SELECT count(*) FROM rollups WHERE bucket < ?1", hour_ago).await;
+    assert!(
+        kept_rollups > 0,
+        "rollups must outlive the raw readings they summarise"
+    );
 }

@@ -268,3 +268,87 @@ fn print_config_prints_the_committed_example_and_it_checks_clean() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_and_query_read_the_database_while_run_writes_it() {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 3, 3000, 0, &unique("live"));
+    let scenarios = [(&s, "room")];
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios),
+    )
+    .unwrap();
+    let mut gateway = Gateway::start(&config);
+    gateway.wait_for_log("Subscribed", Duration::from_secs(10));
+    let port = mosquitto.port;
+    let publisher = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            publish(
+                "127.0.0.1",
+                port,
+                &unique("pub"),
+                s.messages(),
+                2000.0,
+                1,
+                CancellationToken::new(),
+            )
+            .await
+        })
+    };
+    let mut reads = 0;
+    while !publisher.is_finished() {
+        let devices = Command::new(BIN)
+            .args(["devices", "--format", "csv", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            devices.status.success(),
+            "{}",
+            String::from_utf8_lossy(&devices.stderr)
+        );
+        let text = String::from_utf8(devices.stdout).unwrap();
+        assert!(text.starts_with("device,kind,state"), "{text}");
+        assert_eq!(text.lines().count(), 4, "{text}");
+        let query = Command::new(BIN)
+            .args([
+                "query", "--from", "0", "--limit", "5", "--format", "json", "--db",
+            ])
+            .arg(&db)
+            .args(["room-1", "temperature"])
+            .output()
+            .unwrap();
+        assert!(
+            query.status.success(),
+            "{}",
+            String::from_utf8_lossy(&query.stderr)
+        );
+        let rows: serde_json::Value = serde_json::from_slice(&query.stdout).unwrap();
+        assert!(rows.as_array().unwrap().len() <= 5);
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publisher.await.unwrap().unwrap();
+    assert!(reads >= 3, "only {reads} reads overlapped the writes");
+    let rollups = Command::new(BIN)
+        .args([
+            "query", "--from", "0", "--every", "1m", "--format", "csv", "--db",
+        ])
+        .arg(&db)
+        .args(["room-0", "humidity"])
+        .output()
+        .unwrap();
+    assert!(rollups.status.success());
+    assert!(
+        String::from_utf8(rollups.stdout)
+            .unwrap()
+            .starts_with("bucket,device,metric,count,min,max,mean")
+    );
+    gateway.sigterm();
+    assert!(gateway.wait_exit(Duration::from_secs(15)).success());
+}
