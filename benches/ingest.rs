@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sensorgate::app::Gateway;
-use sensorgate_sim::{Format, Mosquitto, Planned, Scenario, publish};
+use sensorgate_sim::{Format, Mosquitto, Pace, Planned, Scenario, publish};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -142,7 +142,7 @@ async fn broker_ceiling(port: u16, prefix: &str, plan: &[Planned], qos: u8) -> f
         port,
         &format!("{prefix}-pub"),
         plan.iter().cloned(),
-        0.0,
+        Pace::Unlimited,
         qos,
         CancellationToken::new(),
     )
@@ -198,7 +198,7 @@ async fn gateway_rate(
         port,
         &format!("{prefix}-pub"),
         plan.into_iter(),
-        0.0,
+        Pace::Unlimited,
         qos,
         CancellationToken::new(),
     )

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use sensorgate_sim::{EmbeddedBroker, Format, Scenario, publish};
+use sensorgate_sim::{EmbeddedBroker, Format, Pace, Scenario, publish};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Gateway;
@@ -102,13 +102,18 @@ pub async fn run(db: &Path, duration: Duration) -> anyhow::Result<()> {
         let port = broker.port;
         let cancel = stop.clone();
         let rate = rate_per_device * s.devices as f64;
+        // The weather station buffers and flushes ten messages at a time.
+        let pace = match s.format {
+            Format::Senml => Pace::Bursts { rate, size: 10 },
+            _ => Pace::Steady(rate),
+        };
         publishers.push(tokio::spawn(async move {
             publish(
                 "127.0.0.1",
                 port,
                 &format!("demo-sim-{i}"),
                 s.messages(),
-                rate,
+                pace,
                 1,
                 cancel,
             )

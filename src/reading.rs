@@ -253,6 +253,12 @@ impl DropCounter {
 }
 
 /// The start of the rollup bucket of width `width` that holds `time`.
+///
+/// ```
+/// use sensorgate::reading::bucket_start;
+/// assert_eq!(bucket_start(125_000, 60_000), 120_000);
+/// assert_eq!(bucket_start(-1, 60_000), -60_000);
+/// ```
 pub fn bucket_start(time: Millis, width: Millis) -> Millis {
     time - time.rem_euclid(width)
 }

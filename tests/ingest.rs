@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sensorgate::app::{AppError, Gateway};
-use sensorgate_sim::{EmbeddedBroker, Format, Scenario, publish};
+use sensorgate_sim::{EmbeddedBroker, Format, Pace, Scenario, publish};
 use support::*;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +43,7 @@ async fn publish_all(port: u16, scenario: &Scenario, qos: u8) {
         port,
         &unique("pub"),
         scenario.messages(),
-        0.0,
+        Pace::Unlimited,
         qos,
         CancellationToken::new(),
     )
@@ -269,7 +269,7 @@ async fn broker_restart_mid_stream_reconnects_resubscribes_and_loses_nothing() {
         mosquitto.port,
         &unique("pub"),
         first.into_iter(),
-        0.0,
+        Pace::Unlimited,
         1,
         CancellationToken::new(),
     )
@@ -321,7 +321,7 @@ async fn broker_restart_mid_stream_reconnects_resubscribes_and_loses_nothing() {
         mosquitto.port,
         &unique("pub"),
         rest.into_iter(),
-        0.0,
+        Pace::Unlimited,
         1,
         CancellationToken::new(),
     )
@@ -481,4 +481,55 @@ async fn retention_deletes_expired_rows_in_small_steps_and_keeps_the_rest() {
         kept_rollups > 0,
         "rollups must outlive the raw readings they summarise"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_for_a_removed_device_are_stored_as_rejections() {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let client_id = unique("gw");
+    let s = scenario(Format::Json, 2, 20, 0, &unique("removed"));
+    let both = gateway_config(mosquitto.port, &db, &client_id, "", &[(&s, "unit")]);
+    let (shutdown, gateway) = start_gateway(&both).await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+
+    // Same client id, one device fewer: the broker still holds the old subscription.
+    let one = Scenario {
+        devices: 1,
+        ..s.clone()
+    };
+    let (shutdown, gateway) = start_gateway(&gateway_config(
+        mosquitto.port,
+        &db,
+        &client_id,
+        "",
+        &[(&one, "unit")],
+    ))
+    .await;
+    publish_all(mosquitto.port, &s, 1).await;
+    let pool = read_pool(&db).await;
+    wait_for(
+        "readings and rejections stored",
+        Duration::from_secs(20),
+        || {
+            let pool = pool.clone();
+            async move {
+                count(&pool, "SELECT count(*) FROM readings").await == 40
+                    && count(&pool, "SELECT count(*) FROM rejections").await == 20
+            }
+        },
+    )
+    .await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+    let (reason, source, device): (String, String, Option<i64>) =
+        sqlx::query_as("SELECT reason, source, device_id FROM rejections LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "unknown_device");
+    assert_eq!(source, s.topic(1));
+    assert_eq!(device, None);
 }

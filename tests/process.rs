@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sensorgate_sim::{Format, publish};
+use sensorgate_sim::{Format, Pace, publish};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +112,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() 
                 port,
                 &unique("pub"),
                 s.messages(),
-                4000.0,
+                Pace::Steady(4000.0),
                 1,
                 CancellationToken::new(),
             )
@@ -190,7 +190,7 @@ async fn sigterm_commits_what_is_in_the_pipeline_and_acknowledges_it_before_exit
         mosquitto.port,
         &unique("pub"),
         s.messages(),
-        0.0,
+        Pace::Unlimited,
         1,
         CancellationToken::new(),
     )
@@ -293,7 +293,7 @@ async fn devices_and_query_read_the_database_while_run_writes_it() {
                 port,
                 &unique("pub"),
                 s.messages(),
-                2000.0,
+                Pace::Steady(2000.0),
                 1,
                 CancellationToken::new(),
             )

@@ -15,4 +15,4 @@ pub mod publish;
 pub use broker::EmbeddedBroker;
 pub use mosquitto::Mosquitto;
 pub use plan::{Expect, Fault, Format, Planned, Scenario};
-pub use publish::{PublishReport, publish};
+pub use publish::{Pace, PublishReport, publish};

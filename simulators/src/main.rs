@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sensorgate_sim::{EmbeddedBroker, Format, Scenario, publish};
+use sensorgate_sim::{EmbeddedBroker, Format, Pace, Scenario, publish};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -29,6 +29,9 @@ enum Command {
         /// Total messages per second; 0 for as fast as the broker takes them.
         #[arg(long, default_value_t = 100.0)]
         rate: f64,
+        /// Send in bursts of this many messages back to back (same average rate).
+        #[arg(long, default_value_t = 1)]
+        burst: u32,
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
         #[arg(long, default_value_t = 1)]
@@ -73,6 +76,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             qos,
             fault_every,
             topic_prefix,
+            burst,
         } => {
             let period_ms = if rate > 0.0 {
                 ((devices as f64 * 1000.0) / rate).max(1.0) as i64
@@ -97,12 +101,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
                 stop.cancel();
             });
+            let pace = match (rate > 0.0, burst > 1) {
+                (false, _) => Pace::Unlimited,
+                (true, false) => Pace::Steady(rate),
+                (true, true) => Pace::Bursts { rate, size: burst },
+            };
             let report = publish(
                 &host,
                 port,
                 "sensorgate-sim",
                 scenario.messages(),
-                rate,
+                pace,
                 qos,
                 cancel,
             )

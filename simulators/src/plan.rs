@@ -51,6 +51,23 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// The simulated device's name, also the last level of its topic.
+    ///
+    /// ```
+    /// use sensorgate_sim::{Format, Scenario};
+    /// let s = Scenario {
+    ///     devices: 2,
+    ///     messages_per_device: 3,
+    ///     format: Format::Json,
+    ///     topic_prefix: "site".into(),
+    ///     fault_every: 0,
+    ///     start_ms: 1_700_000_000_000,
+    ///     period_ms: 1000,
+    /// };
+    /// assert_eq!(Scenario::device_name(7), "sim-0007");
+    /// assert_eq!(s.topic(1), "site/sim-0001");
+    /// assert_eq!(s.messages().count(), 6);
+    /// ```
     pub fn device_name(index: usize) -> String {
         format!("sim-{index:04}")
     }

@@ -16,14 +16,26 @@ pub enum PublishError {
     Lost { sent: u64, error: String },
 }
 
+/// How fast a publisher sends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pace {
+    /// As fast as the broker takes them.
+    Unlimited,
+    /// An even rate, in messages per second.
+    Steady(f64),
+    /// On average `rate` messages per second, sent in bursts of `size` back to back: the
+    /// traffic of sensors that buffer and flush.
+    Bursts { rate: f64, size: u32 },
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PublishReport {
     pub published: u64,
     pub elapsed: Duration,
 }
 
-/// Publishes every planned message at `rate` messages per second (0 for as fast as the
-/// broker takes them) and, at QoS 1, waits until the broker has acknowledged them all.
+/// Publishes every planned message at `pace` and waits until the broker has taken them all
+/// (at QoS 1 and 2, acknowledged them).
 ///
 /// # Errors
 /// When the broker cannot be reached or the connection drops.
@@ -32,7 +44,7 @@ pub async fn publish(
     port: u16,
     client_id: &str,
     messages: impl Iterator<Item = Planned>,
-    rate: f64,
+    pace: Pace,
     qos: u8,
     cancel: CancellationToken,
 ) -> Result<PublishReport, PublishError> {
@@ -83,6 +95,11 @@ pub async fn publish(
     });
     let start = Instant::now();
     let mut published = 0u64;
+    let (rate, burst) = match pace {
+        Pace::Unlimited => (0.0, 1.0),
+        Pace::Steady(rate) => (rate, 1.0),
+        Pace::Bursts { rate, size } => (rate, f64::from(size.max(1))),
+    };
     let tick = Duration::from_millis(10);
     let per_tick = rate * tick.as_secs_f64();
     let mut credit = 0.0;
@@ -93,6 +110,9 @@ pub async fn publish(
         if rate > 0.0 {
             ticker.tick().await;
             credit += per_tick;
+            if credit < burst {
+                continue;
+            }
         } else {
             credit = 1000.0;
         }

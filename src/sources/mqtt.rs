@@ -164,7 +164,7 @@ impl Session {
         let max_unacked = usize::from(self.broker.max_unacked);
         // Acknowledgements queue here between polls; there are never more than max_unacked.
         let (client, mut eventloop) = AsyncClient::new(options, max_unacked + 64);
-        let mut pending: VecDeque<(usize, Delivery)> = VecDeque::new();
+        let mut pending: VecDeque<(Option<usize>, Delivery)> = VecDeque::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), self.broker.reconnect_max);
         let mut stopping = false;
 
@@ -190,7 +190,7 @@ impl Session {
                             stopping = true;
                         }
                         () = self.board.ready.notified() => self.acknowledge(&client),
-                        sent = forward(&self.routes, &mut pending), if !pending.is_empty() => {
+                        sent = forward(&self.routes, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
                             if !sent { pending.pop_front(); }
                         }
                         event = &mut poll => break Some(event),
@@ -207,7 +207,7 @@ impl Session {
                     biased;
                     () = cancel.cancelled(), if !stopping => stopping = true,
                     () = self.board.ready.notified() => self.acknowledge(&client),
-                    sent = forward(&self.routes, &mut pending), if !pending.is_empty() => {
+                    sent = forward(&self.routes, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
                         if !sent { pending.pop_front(); }
                     }
                     () = tokio::time::sleep(Duration::from_millis(200)), if stopping => {}
@@ -292,7 +292,7 @@ impl Session {
         }
     }
 
-    fn receive(&self, publish: Publish, pending: &mut VecDeque<(usize, Delivery)>) {
+    fn receive(&self, publish: Publish, pending: &mut VecDeque<(Option<usize>, Delivery)>) {
         let received_at = now_millis();
         let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
             let marker = Publish {
@@ -305,37 +305,15 @@ impl Session {
         });
         let topic: Arc<str> = Arc::from(publish.topic.as_str());
         let payload: Arc<[u8]> = Arc::from(&publish.payload[..]);
-        match self.router.find(&topic) {
-            Some(route) => pending.push_back((
-                route,
-                Delivery {
-                    topic,
-                    payload,
-                    received_at,
-                    ticket,
-                },
-            )),
-            None => {
-                let rejection = Rejection {
-                    device: None,
-                    source: topic.clone(),
-                    received_at,
-                    reason: RejectReason::UnknownDevice,
-                    detail: format!("no device is configured for topic `{topic}`"),
-                    raw: payload,
-                };
-                // Rare (an overlapping or retained subscription): stored as a rejection; its
-                // ticket is settled by the writer like any other.
-                let sent = self.events.as_ref().is_some_and(|events| {
-                    events
-                        .try_send(SourceEvent::Rejected { rejection, ticket })
-                        .is_ok()
-                });
-                if !sent {
-                    tracing::warn!(broker = %self.broker.id, "Pipeline full; unrouted publish left unacknowledged for redelivery");
-                }
-            }
-        }
+        // A publish no device claims (an overlapping or retained subscription) goes the same
+        // way with no route: it is stored as a rejection and acknowledged after commit.
+        let delivery = Delivery {
+            topic,
+            payload,
+            received_at,
+            ticket,
+        };
+        pending.push_back((self.router.find(&delivery.topic), delivery));
     }
 
     /// Queues every acknowledgement that is due, in arrival order. rumqttc takes requests
@@ -371,23 +349,52 @@ impl Session {
     }
 }
 
-/// Hands the front delivery to its device; false when that device's task is gone.
-async fn forward(routes: &[Route], pending: &mut VecDeque<(usize, Delivery)>) -> bool {
+/// Hands the front delivery to its device, or an unrouted one to the pipeline as a
+/// rejection; false when the receiver is gone.
+async fn forward(
+    routes: &[Route],
+    events: Option<&mpsc::Sender<SourceEvent>>,
+    pending: &mut VecDeque<(Option<usize>, Delivery)>,
+) -> bool {
     let Some((route, _)) = pending.front() else {
         return true;
     };
-    let Some(route) = routes.get(*route) else {
-        return false;
-    };
-    match route.inbox.reserve().await {
-        Ok(permit) => {
+    match route {
+        Some(route) => {
+            let Some(route) = routes.get(*route) else {
+                return false;
+            };
+            let Ok(permit) = route.inbox.reserve().await else {
+                return false;
+            };
             if let Some((_, delivery)) = pending.pop_front() {
                 permit.send(delivery);
             }
-            true
         }
-        Err(_) => false,
+        None => {
+            let Some(events) = events else {
+                return false;
+            };
+            let Ok(permit) = events.reserve().await else {
+                return false;
+            };
+            if let Some((_, delivery)) = pending.pop_front() {
+                let rejection = Rejection {
+                    device: None,
+                    detail: format!("no device is configured for topic `{}`", delivery.topic),
+                    source: delivery.topic,
+                    received_at: delivery.received_at,
+                    reason: RejectReason::UnknownDevice,
+                    raw: delivery.payload,
+                };
+                permit.send(SourceEvent::Rejected {
+                    rejection,
+                    ticket: delivery.ticket,
+                });
+            }
+        }
     }
+    true
 }
 
 fn describe(err: &ConnectionError) -> String {
@@ -458,6 +465,7 @@ impl DeviceTask {
     async fn run(self, mut inbox: mpsc::Receiver<Delivery>, mut link: watch::Receiver<Link>) {
         let mut state = DeviceState::Starting;
         let mut last_seen = Instant::now();
+        let mut link_open = true;
         loop {
             let stale_at = self.expected_interval.map(|i| last_seen + i);
             let next = tokio::select! {
@@ -480,9 +488,10 @@ impl DeviceTask {
                     }
                     None => return,
                 },
-                changed = link.changed() => {
+                changed = link.changed(), if link_open => {
                     if changed.is_err() {
                         // The session ended; the inbox closes next.
+                        link_open = false;
                         continue;
                     }
                     match &*link.borrow_and_update() {
