@@ -19,7 +19,7 @@ use sensorgate_sim::{Format, Mosquitto, Pace, Planned, Scenario, publish};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use tokio_util::sync::CancellationToken;
 
-const REPS: usize = 3;
+const REPS: usize = 5;
 const DEVICES: usize = 100;
 
 fn main() {

@@ -6,6 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use bytes::Bytes;
+
+/// A hash map with a fast hasher, for the per-reading maps on the ingest path.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// A hash set with a fast hasher, for the per-reading sets on the ingest path.
+pub type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
 /// Milliseconds since the Unix epoch, UTC. The unit of every stored time.
 pub type Millis = i64;
 
@@ -131,7 +138,7 @@ pub struct Rejection {
     pub reason: RejectReason,
     /// A sentence naming the field and the limit, for the operator.
     pub detail: String,
-    pub raw: Arc<[u8]>,
+    pub raw: Bytes,
 }
 
 /// Something that wants to know when a delivery's data is durable (an MQTT session that
@@ -184,7 +191,7 @@ pub struct Message {
     pub device: DeviceId,
     pub source: Arc<str>,
     pub received_at: Millis,
-    pub raw: Arc<[u8]>,
+    pub raw: Bytes,
     pub decoded: Decoded,
     pub ticket: Option<Ticket>,
 }
@@ -314,7 +321,7 @@ pub type SeriesName = (DeviceId, Arc<str>);
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Rollups {
     widths: Vec<Millis>,
-    cells: std::collections::HashMap<(SeriesName, Millis, Millis), RollupCell>,
+    cells: FastMap<(SeriesName, Millis, Millis), RollupCell>,
 }
 
 impl Rollups {

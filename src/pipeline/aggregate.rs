@@ -1,9 +1,9 @@
 //! Aggregation: checked messages gather into one [`Batch`] per transaction, with the rollup
 //! cells their readings imply. Pure; the async loop in `pipeline` decides when to flush.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use crate::reading::{DeviceId, Millis, Rollups, SeriesName, StatusChange, Ticket};
+use crate::reading::{DeviceId, FastSet, Millis, Rollups, SeriesName, StatusChange, Ticket};
 use crate::storage::Batch;
 
 use super::validate::Checked;
@@ -12,7 +12,7 @@ pub struct Batcher {
     widths: Vec<Millis>,
     max_readings: usize,
     batch: Batch,
-    keys: HashSet<(SeriesName, Millis)>,
+    keys: FastSet<(SeriesName, Millis)>,
 }
 
 impl Batcher {
@@ -21,7 +21,7 @@ impl Batcher {
             batch: empty(&widths),
             widths,
             max_readings,
-            keys: HashSet::new(),
+            keys: FastSet::default(),
         }
     }
 

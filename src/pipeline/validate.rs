@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::{Config, UnknownMetrics, ValidationConfig};
 use crate::decode::format_rfc3339;
 use crate::reading::{
-    DeviceId, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason, Rejection,
+    DeviceId, FastMap, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason, Rejection,
     SeriesName,
 };
 
@@ -35,7 +35,7 @@ struct DeviceRules {
 pub struct Validator {
     devices: HashMap<DeviceId, DeviceRules>,
     limits: ValidationConfig,
-    last_receive_stamp: HashMap<SeriesName, Millis>,
+    last_receive_stamp: FastMap<SeriesName, Millis>,
 }
 
 impl Validator {
@@ -63,7 +63,7 @@ impl Validator {
         Self {
             devices,
             limits: config.validation.clone(),
-            last_receive_stamp: HashMap::new(),
+            last_receive_stamp: FastMap::default(),
         }
     }
 
@@ -229,7 +229,7 @@ mod tests {
             device: DeviceId::new("bay3"),
             source: Arc::from("bay3"),
             received_at: NOW,
-            raw: Arc::from(&b"{}"[..]),
+            raw: crate::reading::Bytes::from_static(b"{}"),
             decoded: Ok(readings),
             ticket: None,
         }

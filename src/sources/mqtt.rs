@@ -25,7 +25,7 @@ use super::backoff::Backoff;
 use crate::config::{BrokerConfig, MqttDeviceConfig, PipelineConfig};
 use crate::decode::Decoder;
 use crate::reading::{
-    DeviceId, DeviceState, DropCounter, Message, Millis, RejectReason, Rejection, Settle,
+    Bytes, DeviceId, DeviceState, DropCounter, Message, Millis, RejectReason, Rejection, Settle,
     SourceEvent, StatusChange, Ticket, now_millis,
 };
 
@@ -40,13 +40,13 @@ enum Link {
 /// One publish on its way to a device task.
 struct Delivery {
     topic: Arc<str>,
-    payload: Arc<[u8]>,
+    payload: Bytes,
     received_at: Millis,
     ticket: Option<Ticket>,
 }
 
 struct Route {
-    filter: String,
+    filter: Arc<str>,
     qos: QoS,
     inbox: mpsc::Sender<Delivery>,
 }
@@ -93,7 +93,7 @@ pub(super) fn spawn_broker(
         let id = DeviceId::new(&device.id);
         let dropped = drop_counters.get(&id).cloned().unwrap_or_default();
         routes.push(Route {
-            filter: device.topic.clone(),
+            filter: Arc::from(device.topic.as_str()),
             qos: qos(device.qos),
             inbox: inbox_tx,
         });
@@ -117,7 +117,7 @@ pub(super) fn spawn_broker(
     let session = Session {
         broker,
         unsent: VecDeque::new(),
-        router: Router::new(routes.iter().map(|r| r.filter.as_str())),
+        router: Router::new(routes.iter().map(|r| &*r.filter)),
         routes,
         events: Some(events),
         link: link_tx,
@@ -236,7 +236,7 @@ impl Session {
                         .iter()
                         .zip(&self.routes)
                         .filter(|(code, _)| matches!(code, rumqttc::SubscribeReasonCode::Failure))
-                        .map(|(_, route)| route.filter.as_str())
+                        .map(|(_, route)| &*route.filter)
                         .collect();
                     if refused.is_empty() {
                         tracing::info!(broker = %self.broker.id, topics = self.routes.len(), "Subscribed");
@@ -286,7 +286,7 @@ impl Session {
         let filters = self
             .routes
             .iter()
-            .map(|r| rumqttc::SubscribeFilter::new(r.filter.clone(), r.qos));
+            .map(|r| rumqttc::SubscribeFilter::new(r.filter.to_string(), r.qos));
         if let Err(err) = client.try_subscribe_many(filters) {
             tracing::error!(broker = %self.broker.id, error = %err, "Could not queue subscriptions");
         }
@@ -295,16 +295,25 @@ impl Session {
     fn receive(&self, publish: Publish, pending: &mut VecDeque<(Option<usize>, Delivery)>) {
         let received_at = now_millis();
         let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
+            // Only what the acknowledgement needs; the payload travels with the delivery.
             let marker = Publish {
-                payload: Default::default(),
+                dup: publish.dup,
+                qos: publish.qos,
+                retain: publish.retain,
                 topic: String::new(),
-                ..publish.clone()
+                pkid: publish.pkid,
+                payload: Bytes::new(),
             };
             let (generation, seq) = lock(&self.board.window).push(marker);
             Ticket::new(self.board.clone(), generation, seq)
         });
-        let topic: Arc<str> = Arc::from(publish.topic.as_str());
-        let payload: Arc<[u8]> = Arc::from(&publish.payload[..]);
+        let route = self.router.find(&publish.topic);
+        // A publish on an exact filter shares the route's topic string.
+        let topic = match route.map(|i| &self.routes[i].filter) {
+            Some(filter) if !filter.contains(['+', '#']) => filter.clone(),
+            _ => Arc::from(publish.topic.as_str()),
+        };
+        let payload = publish.payload;
         // A publish no device claims (an overlapping or retained subscription) goes the same
         // way with no route: it is stored as a rejection and acknowledged after commit.
         let delivery = Delivery {
@@ -313,7 +322,7 @@ impl Session {
             received_at,
             ticket,
         };
-        pending.push_back((self.router.find(&delivery.topic), delivery));
+        pending.push_back((route, delivery));
     }
 
     /// Queues every acknowledgement that is due, in arrival order. rumqttc takes requests

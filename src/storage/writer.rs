@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::{Batch, StorageError};
 use crate::config::RetentionConfig;
 use crate::reading::{
-    DeviceId, DeviceState, DropCounter, Millis, Reading, Rollups, SeriesName, now_millis,
+    DeviceId, DeviceState, DropCounter, FastMap, Millis, Reading, Rollups, SeriesName, now_millis,
 };
 
 /// Rows per multi-row statement: one statement per row is about 100 times slower.
@@ -31,8 +31,8 @@ pub struct DeviceEntry {
 
 pub struct Writer {
     pool: SqlitePool,
-    devices: HashMap<DeviceId, i64>,
-    series: HashMap<SeriesName, i64>,
+    devices: FastMap<DeviceId, i64>,
+    series: FastMap<SeriesName, i64>,
     drop_counters: Vec<(i64, Arc<DropCounter>)>,
     retention: RetentionConfig,
     retention_cursor: i64,
@@ -49,7 +49,7 @@ impl Writer {
         retention: RetentionConfig,
     ) -> Result<Self, StorageError> {
         let now = now_millis();
-        let mut devices = HashMap::new();
+        let mut devices = FastMap::default();
         let mut drop_counters = Vec::new();
         let mut tx = pool.begin().await?;
         for entry in entries {
