@@ -144,14 +144,19 @@ pub struct Rejection {
 /// Something that wants to know when a delivery's data is durable (an MQTT session that
 /// acknowledges in arrival order).
 pub trait Settle: Send + Sync {
+    /// The message's data is committed.
     fn settle(&self, generation: u64, seq: u64);
+    /// The message was dropped inside the gateway without being stored; only the broker
+    /// can deliver it again.
+    fn abandon(&self, generation: u64, seq: u64);
 }
 
 /// Proof of one received message that still has to be acknowledged. The writer settles it
-/// after the transaction holding the message's readings or rejections commits; a ticket that
-/// is dropped unsettled leaves the message unacknowledged, so the broker delivers it again.
+/// after the transaction holding the message's readings or rejections commits. A ticket
+/// dropped unsettled tells its sink, which reconnects so the broker delivers the message
+/// again: nothing is acknowledged that was not stored.
 pub struct Ticket {
-    sink: Arc<dyn Settle>,
+    sink: Option<Arc<dyn Settle>>,
     generation: u64,
     seq: u64,
 }
@@ -159,15 +164,25 @@ pub struct Ticket {
 impl Ticket {
     pub fn new(sink: Arc<dyn Settle>, generation: u64, seq: u64) -> Self {
         Self {
-            sink,
+            sink: Some(sink),
             generation,
             seq,
         }
     }
 
     /// Marks the message as durably handled.
-    pub fn settle(self) {
-        self.sink.settle(self.generation, self.seq);
+    pub fn settle(mut self) {
+        if let Some(sink) = self.sink.take() {
+            sink.settle(self.generation, self.seq);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.take() {
+            sink.abandon(self.generation, self.seq);
+        }
     }
 }
 

@@ -429,13 +429,28 @@ async fn retention_deletes_expired_rows_in_small_steps_and_keeps_the_rest() {
         ..scenario(Format::Json, 3, 600, 0, &unique("ret"))
     };
     let scenarios = [(&s, "old")];
-    let retention = "[storage.retention]\nreadings = \"1h\"\nrollups = \"2h\"\n\
-                     interval = \"100ms\"\nstep_rows = 50\n[storage]\n";
-    let config = gateway_config(broker.port, &db, &unique("gw"), "", &scenarios)
-        .replace("[storage]\n", retention);
-    let (shutdown, gateway) = start_gateway(&config).await;
+    let keep_all = gateway_config(broker.port, &db, &unique("gw"), "", &scenarios);
+    let (shutdown, gateway) = start_gateway(&keep_all).await;
     publish_all(broker.port, &s, 1).await;
     let pool = read_pool(&db).await;
+    let total = (s.total_messages() * 2) as i64;
+    wait_for(
+        "three hours of readings stored",
+        Duration::from_secs(20),
+        || {
+            let pool = pool.clone();
+            async move { count(&pool, "SELECT count(*) FROM readings").await == total }
+        },
+    )
+    .await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+
+    // The operator shortens retention (and max_past with it, as the config check demands).
+    let retention = "[validation]\nmax_past = \"30m\"\n[storage.retention]\nreadings = \"1h\"\n\
+                     rollups = \"2h\"\ninterval = \"1s\"\nstep_rows = 500\n[storage]\n";
+    let short = keep_all.replace("[storage]\n", retention);
+    let (shutdown, gateway) = start_gateway(&short).await;
     let hour_ago = now - 3_600_000;
     let two_hours_ago = now - 2 * 3_600_000;
     let older = |sql: &'static str, cutoff: i64| {

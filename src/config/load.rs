@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -205,8 +206,36 @@ fn check_limits(config: &Config) -> Result<(), (&'static str, String)> {
             return Err((key, format!("{key} must be at least 1")));
         }
     }
-    if config.storage.retention.step_rows == 0 {
+    let retention = &config.storage.retention;
+    if retention.step_rows == 0 {
         return Err(("step_rows", "step_rows must be at least 1".into()));
+    }
+    if retention.interval < Duration::from_secs(1) {
+        return Err(("interval", "retention interval must be at least 1s".into()));
+    }
+    let max_past = config.validation.max_past;
+    for (key, kept) in [
+        ("readings", retention.readings),
+        ("rollups", retention.rollups),
+    ] {
+        if let Some(kept) = kept.filter(|kept| *kept < max_past) {
+            return Err((
+                key,
+                format!(
+                    "retention.{key} ({}) is shorter than validation.max_past ({}): a late reading could \
+                     be stored again after its rows expired and count twice in a rollup; keep {key} longer \
+                     or lower max_past",
+                    humantime::format_duration(kept),
+                    humantime::format_duration(max_past)
+                ),
+            ));
+        }
+    }
+    if config.validation.max_metrics_per_device == 0 {
+        return Err((
+            "max_metrics_per_device",
+            "max_metrics_per_device must be at least 1".into(),
+        ));
     }
     for window in &config.rollups.windows {
         if window.as_millis() < 1000 || window.subsec_millis() != 0 {
@@ -397,6 +426,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "test.toml:2: batch_size must be at least 1");
+    }
+
+    #[test]
+    fn retention_shorter_than_max_past_is_refused() {
+        let err = parse_str("[storage.retention]\nreadings = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:"), "{err}");
+        assert!(
+            err.contains("shorter than validation.max_past (7days)"),
+            "{err}"
+        );
+        parse_str("[validation]\nmax_past = \"1h\"\n[storage.retention]\nreadings = \"1d\"\n")
+            .unwrap();
+    }
+
+    #[test]
+    fn a_retention_interval_below_a_second_is_refused() {
+        let err = parse_str("[storage.retention]\ninterval = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "test.toml:2: retention interval must be at least 1s");
     }
 
     #[test]

@@ -156,6 +156,9 @@ pub struct ValidationConfig {
     /// Readings stamped further in the past are rejected.
     #[serde(with = "duration")]
     pub max_past: Duration,
+    /// The most metrics a device may have that its config does not list; beyond it new ones
+    /// are rejected, so a misbehaving sensor cannot grow memory or the database without end.
+    pub max_metrics_per_device: usize,
 }
 
 impl Default for ValidationConfig {
@@ -165,6 +168,7 @@ impl Default for ValidationConfig {
             max_skew: Duration::from_secs(30),
             max_future: Duration::from_secs(600),
             max_past: Duration::from_secs(7 * 86_400),
+            max_metrics_per_device: 100,
         }
     }
 }

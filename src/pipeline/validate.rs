@@ -8,8 +8,8 @@ use std::sync::Arc;
 use crate::config::{Config, UnknownMetrics, ValidationConfig};
 use crate::decode::format_rfc3339;
 use crate::reading::{
-    DeviceId, FastMap, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason, Rejection,
-    SeriesName,
+    DeviceId, FastMap, FastSet, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason,
+    Rejection, SeriesName,
 };
 
 /// What one message became.
@@ -30,6 +30,9 @@ struct MetricRule {
 struct DeviceRules {
     /// By payload field.
     metrics: HashMap<String, MetricRule>,
+    /// Metrics the config does not list that were accepted, bounded by
+    /// `max_metrics_per_device`.
+    extra: FastSet<Arc<str>>,
 }
 
 pub struct Validator {
@@ -57,7 +60,11 @@ impl Validator {
                         (m.field().to_string(), rule)
                     })
                     .collect();
-                (DeviceId::new(device.id()), DeviceRules { metrics })
+                let rules = DeviceRules {
+                    metrics,
+                    extra: FastSet::default(),
+                };
+                (DeviceId::new(device.id()), rules)
             })
             .collect();
         Self {
@@ -102,9 +109,14 @@ impl Validator {
         received_at: Millis,
         raw: &RawReading,
     ) -> Result<Reading, (RejectReason, String)> {
-        let rules = self.devices.get(device);
-        let rule = rules.and_then(|r| r.metrics.get(&raw.field));
-        let restricted = rules.is_some_and(|r| !r.metrics.is_empty());
+        let Some(rules) = self.devices.get_mut(device) else {
+            return Err((
+                RejectReason::UnknownDevice,
+                format!("device `{device}` is not configured"),
+            ));
+        };
+        let rule = rules.metrics.get(&raw.field);
+        let restricted = !rules.metrics.is_empty();
         if rule.is_none() && restricted && self.limits.unknown_metrics == UnknownMetrics::Reject {
             return Err((
                 RejectReason::UnknownMetric,
@@ -114,8 +126,28 @@ impl Validator {
                 ),
             ));
         }
-        let metric: Arc<str> =
-            rule.map_or_else(|| Arc::from(raw.field.as_str()), |r| r.name.clone());
+        let metric: Arc<str> = match rule {
+            Some(rule) => rule.name.clone(),
+            None => match rules.extra.get(raw.field.as_str()) {
+                Some(known) => known.clone(),
+                None if rules.extra.len() >= self.limits.max_metrics_per_device => {
+                    return Err((
+                        RejectReason::UnknownMetric,
+                        format!(
+                            "metric `{}`: device `{device}` already sends {} metrics its config does \
+                             not list (validation.max_metrics_per_device)",
+                            raw.field, self.limits.max_metrics_per_device
+                        ),
+                    ));
+                }
+                None => {
+                    let name: Arc<str> = Arc::from(raw.field.as_str());
+                    rules.extra.insert(name.clone());
+                    name
+                }
+            },
+        };
+        let rule = rules.metrics.get(&raw.field);
         if !raw.value.is_finite() {
             return Err((
                 RejectReason::NotFinite,
@@ -305,6 +337,27 @@ mod tests {
         let rejected = validator("unknown_metrics = \"reject\"")
             .check(&message(vec![raw("co2", 400.0, None)]));
         assert_eq!(rejected.rejections[0].reason, RejectReason::UnknownMetric);
+    }
+
+    #[test]
+    fn caps_the_metrics_a_device_may_add_beyond_its_config() {
+        let mut v = validator("max_metrics_per_device = 2");
+        let out = v.check(&message(vec![
+            raw("a", 1.0, None),
+            raw("b", 1.0, None),
+            raw("a", 2.0, None),
+            raw("c", 1.0, None),
+            raw("hum", 1.0, None),
+        ]));
+        let names: Vec<&str> = out.readings.iter().map(|r| &*r.metric).collect();
+        assert_eq!(names, vec!["a", "b", "a", "humidity"]);
+        assert_eq!(out.rejections.len(), 1);
+        assert_eq!(out.rejections[0].reason, RejectReason::UnknownMetric);
+        assert!(
+            out.rejections[0].detail.contains("max_metrics_per_device"),
+            "{}",
+            out.rejections[0].detail
+        );
     }
 
     #[test]

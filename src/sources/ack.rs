@@ -62,6 +62,10 @@ impl<T> AckWindow<T> {
         self.entries.clear();
     }
 
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -10,10 +10,11 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays from `min` doubling up to `max` (never below `min`, so never a hot loop).
     pub fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
-            max,
+            max: max.max(min),
             next: min,
         }
     }
@@ -42,5 +43,11 @@ mod tests {
         assert_eq!(delays, vec![100, 200, 400, 500, 500]);
         b.reset();
         assert_eq!(b.next_delay().as_millis(), 100);
+    }
+
+    #[test]
+    fn a_cap_below_the_minimum_never_gives_a_zero_delay() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::ZERO);
+        assert!((0..5).all(|_| b.next_delay() == Duration::from_millis(200)));
     }
 }

@@ -10,6 +10,7 @@
 //! reading and TCP pushes back on the broker.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,12 +58,22 @@ struct Route {
 struct AckBoard {
     window: Mutex<AckWindow<Publish>>,
     ready: Notify,
+    /// A ticket of the current connection was dropped unsettled: no later message of this
+    /// connection can be acknowledged in order, so the session reconnects.
+    abandoned: AtomicBool,
 }
 
 impl Settle for AckBoard {
     fn settle(&self, generation: u64, seq: u64) {
         let front_ready = lock(&self.window).settle(generation, seq);
         if front_ready {
+            self.ready.notify_one();
+        }
+    }
+
+    fn abandon(&self, generation: u64, _seq: u64) {
+        if lock(&self.window).generation() == generation {
+            self.abandoned.store(true, Ordering::Relaxed);
             self.ready.notify_one();
         }
     }
@@ -169,6 +180,15 @@ impl Session {
         let mut stopping = false;
 
         loop {
+            if self.board.abandoned.swap(false, Ordering::Relaxed) {
+                tracing::error!(broker = %self.broker.id, "A message was dropped inside the gateway before it was stored; reconnecting so the broker delivers it again");
+                lock(&self.board.window).reset();
+                self.unsent.clear();
+                eventloop.clean();
+                eventloop.state.events.clear();
+                eventloop.network = None;
+                self.link.send_replace(Link::Connecting);
+            }
             self.acknowledge(&client);
             let window_len = lock(&self.board.window).len();
             let unacked = window_len + self.unsent.len();
@@ -189,7 +209,12 @@ impl Session {
                         () = cancel.cancelled(), if !stopping => {
                             stopping = true;
                         }
-                        () = self.board.ready.notified() => self.acknowledge(&client),
+                        () = self.board.ready.notified() => {
+                            if self.board.abandoned.load(Ordering::Relaxed) {
+                                break None;
+                            }
+                            self.acknowledge(&client);
+                        }
                         sent = forward(&self.routes, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
                             if !sent { pending.pop_front(); }
                         }
@@ -223,7 +248,9 @@ impl Session {
                     backoff.reset();
                     lock(&self.board.window).reset();
                     self.unsent.clear();
-                    self.subscribe(&client);
+                    if !stopping {
+                        self.subscribe(&client);
+                    }
                     tracing::info!(broker = %self.broker.id, "Broker connected");
                 }
                 // After the stop, new publishes stay unacknowledged: the broker keeps them.
@@ -252,9 +279,11 @@ impl Session {
                 Some(Ok(_)) => {}
                 Some(Err(err)) => {
                     // The broker delivers everything unacknowledged again on the next
-                    // connection; settlements from this one no longer count.
+                    // connection; settlements from this one no longer count, and publishes
+                    // rumqttc read before the error must not surface after the next ConnAck.
                     lock(&self.board.window).reset();
                     self.unsent.clear();
+                    eventloop.state.events.clear();
                     if stopping {
                         break;
                     }
@@ -544,6 +573,29 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ticket_dropped_unsettled_asks_for_a_reconnect_only_on_its_own_connection() {
+        let board = Arc::new(AckBoard::default());
+        let (generation, seq) =
+            lock(&board.window).push(Publish::new("t", QoS::AtLeastOnce, vec![]));
+        let current = Ticket::new(board.clone(), generation, seq);
+        drop(current);
+        assert!(board.abandoned.swap(false, Ordering::Relaxed));
+
+        let (generation, seq) =
+            lock(&board.window).push(Publish::new("t", QoS::AtLeastOnce, vec![]));
+        let stale = Ticket::new(board.clone(), generation, seq);
+        lock(&board.window).reset();
+        drop(stale);
+        assert!(!board.abandoned.load(Ordering::Relaxed));
+
+        let (generation, seq) =
+            lock(&board.window).push(Publish::new("t", QoS::AtLeastOnce, vec![]));
+        Ticket::new(board.clone(), generation, seq).settle();
+        assert!(!board.abandoned.load(Ordering::Relaxed));
+        assert!(lock(&board.window).pop_ready().is_some());
+    }
 
     #[test]
     fn router_picks_the_first_matching_filter_in_config_order() {
