@@ -352,3 +352,69 @@ async fn devices_and_query_read_the_database_while_run_writes_it() {
     gateway.sigterm();
     assert!(gateway.wait_exit(Duration::from_secs(15)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_writer_holds_acks_without_losing_the_broker_connection() {
+    use sqlx::Connection as _;
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 5, 300, 0, &unique("stall"));
+    let scenarios = [(&s, "press")];
+    let config = dir.path().join("gateway.toml");
+    // The broker drops a client silent for 1.5 × keep_alive = 3 s; the stall lasts 7 s.
+    let text = gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)
+        .replace("client_id", "keep_alive = \"2s\"\nclient_id")
+        .replace("[storage]\n", "[storage]\nbusy_timeout = \"20s\"\n");
+    std::fs::write(&config, &text).unwrap();
+    let gateway = Gateway::start(&config);
+    gateway.wait_for_log("Subscribed", Duration::from_secs(10));
+
+    // Another process holds the write lock: every commit waits.
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    publish(
+        "127.0.0.1",
+        mosquitto.port,
+        &unique("pub"),
+        s.messages(),
+        Pace::Unlimited,
+        1,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    drop(locker);
+
+    let pool = read_pool(&db).await;
+    let expected = expected(&scenarios);
+    let want = expected.readings.len() as i64;
+    wait_for(
+        "everything stored after the stall",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move { count(&pool, "SELECT count(*) FROM readings").await >= want }
+        },
+    )
+    .await;
+    gateway.sigterm();
+    let lines: Vec<String> = gateway.lines.try_iter().collect();
+    assert!(
+        !lines.iter().any(|l| l.contains("Broker connection failed")),
+        "the broker dropped the gateway during the stall: {lines:?}"
+    );
+    assert_eq!(stored_readings(&pool).await, expected.readings);
+    assert_eq!(
+        count(&pool, "SELECT sum(duplicates) FROM devices").await,
+        0,
+        "messages were redelivered"
+    );
+}

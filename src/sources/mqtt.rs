@@ -163,9 +163,10 @@ impl Session {
             tracing::error!(broker = %self.broker.id, "Broker url unusable; session not started");
             return;
         };
+        let keep_alive = self.broker.keep_alive.max(Duration::from_secs(1));
         let mut options = MqttOptions::new(&self.broker.client_id, host, port);
         options
-            .set_keep_alive(self.broker.keep_alive.max(Duration::from_secs(1)))
+            .set_keep_alive(keep_alive)
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_max_packet_size(1 << 20, 1 << 20);
@@ -178,6 +179,7 @@ impl Session {
         let mut pending: VecDeque<(Option<usize>, Delivery)> = VecDeque::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), self.broker.reconnect_max);
         let mut stopping = false;
+        let mut last_poll = Instant::now();
 
         loop {
             if self.board.abandoned.swap(false, Ordering::Relaxed) {
@@ -200,7 +202,11 @@ impl Session {
             // max_unacked messages wait, and let TCP push back on the broker.
             let full = pending.len() >= max_unacked
                 || (window_len >= max_unacked && self.unsent.is_empty());
-            let event = if can_poll && !full {
+            // A stalled pipeline must not cost the connection: poll now and then anyway, so
+            // keep-alive pings go out (with QoS 1 the broker sends nothing more meanwhile).
+            let ping_due = last_poll + keep_alive / 2;
+            let event = if can_poll && (!full || Instant::now() >= ping_due) {
+                last_poll = Instant::now();
                 let poll = eventloop.poll();
                 tokio::pin!(poll);
                 loop {
@@ -236,6 +242,7 @@ impl Session {
                         if !sent { pending.pop_front(); }
                     }
                     () = tokio::time::sleep(Duration::from_millis(200)), if stopping => {}
+                    () = tokio::time::sleep_until(ping_due), if can_poll => {}
                 }
                 if stopping && pending.is_empty() {
                     self.close_inputs();
