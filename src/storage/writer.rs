@@ -164,11 +164,21 @@ impl Writer {
             .map(|(id, counter)| (*id, counter.clone(), counter.take()))
             .collect();
         let mut added = Vec::new();
-        let result = self.try_write(batch, &drops, &mut added).await;
-        if result.is_err() {
-            for key in added {
-                self.series.remove(&key);
+        let mut exact = false;
+        let result = loop {
+            match self.try_write(batch, &drops, &mut added, exact).await {
+                Ok(Written::Committed) => break Ok(()),
+                // Rolled back: write it again, naming the rows actually inserted. An exact
+                // write never answers this, so this loops at most twice.
+                Ok(Written::HadDuplicates) => {
+                    self.forget(&mut added);
+                    exact = true;
+                }
+                Err(err) => break Err(err),
             }
+        };
+        if result.is_err() {
+            self.forget(&mut added);
             for (_, counter, n) in drops {
                 counter.add(n);
             }
@@ -176,41 +186,37 @@ impl Writer {
         result
     }
 
+    /// Drops series ids cached by a transaction that did not commit.
+    fn forget(&mut self, added: &mut Vec<SeriesName>) {
+        for key in added.drain(..) {
+            self.series.remove(&key);
+        }
+    }
+
+    /// One attempt. The common case stores every reading, so the first attempt inserts
+    /// without RETURNING; when some keys already existed (a redelivery) it rolls back and the
+    /// caller retries with `exact`, which names the inserted rows so rollups and counters
+    /// cover exactly what was stored. (A savepoint would avoid the second attempt but makes
+    /// SQLite journal every page the inserts touch, on every batch.)
     async fn try_write(
         &mut self,
         batch: &Batch,
         drops: &[(i64, Arc<DropCounter>, u64)],
         added: &mut Vec<SeriesName>,
-    ) -> Result<(), StorageError> {
+        exact: bool,
+    ) -> Result<Written, StorageError> {
         let mut tx = self.pool.begin().await?;
         let mut per_device: HashMap<i64, DeviceDelta> = HashMap::new();
         self.ensure_series(&mut tx, &batch.readings, added).await?;
 
-        // The common case stores every reading, so insert without RETURNING; only when some
-        // keys already existed (a redelivery) redo the inserts naming the new rows, so the
-        // rollups and counters cover exactly what was stored. In key order, consecutive rows
-        // land on the same B-tree page.
+        // In key order, consecutive rows land on the same B-tree page.
         let mut rows: Vec<(i64, &Reading)> = batch
             .readings
             .iter()
             .map(|r| (self.series_id(r), r))
             .collect();
         rows.sort_unstable_by_key(|(series, r)| (*series, r.time));
-        sqlx::query("SAVEPOINT readings").execute(&mut *tx).await?;
-        let mut stored = 0;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            stored += Self::insert_readings(chunk, "")
-                .build()
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        let new_keys: Option<HashSet<(i64, Millis)>> = if stored == batch.readings.len() as u64 {
-            None
-        } else {
-            sqlx::query("ROLLBACK TO readings")
-                .execute(&mut *tx)
-                .await?;
+        let new_keys: Option<HashSet<(i64, Millis)>> = if exact {
             let mut keys = HashSet::new();
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let mut query = Self::insert_readings(chunk, " RETURNING series_id, ts");
@@ -219,8 +225,18 @@ impl Writer {
                 }
             }
             Some(keys)
+        } else {
+            let mut stored = 0;
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut query = Self::insert_readings(chunk, "");
+                stored += query.build().execute(&mut *tx).await?.rows_affected();
+            }
+            if stored != batch.readings.len() as u64 {
+                tx.rollback().await?;
+                return Ok(Written::HadDuplicates);
+            }
+            None
         };
-        sqlx::query("RELEASE readings").execute(&mut *tx).await?;
 
         let mut fresh = new_keys
             .as_ref()
@@ -293,7 +309,7 @@ impl Writer {
         }
         update_devices(&mut tx, &per_device).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(Written::Committed)
     }
 
     fn series_id(&self, reading: &Reading) -> i64 {
@@ -456,6 +472,12 @@ impl Writer {
             .await?;
         Ok(())
     }
+}
+
+enum Written {
+    Committed,
+    /// Some readings were stored before; the transaction was rolled back.
+    HadDuplicates,
 }
 
 #[derive(Default)]
