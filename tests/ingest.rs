@@ -37,6 +37,14 @@ async fn start_gateway(text: &str) -> (CancellationToken, JoinHandle<Result<(), 
     (shutdown, handle)
 }
 
+async fn start_gateway_for(
+    port: u16,
+    db: &Path,
+    scenarios: &[(&Scenario, &str)],
+) -> (CancellationToken, JoinHandle<Result<(), AppError>>) {
+    start_gateway(&gateway_config(port, db, &unique("gw"), "", scenarios)).await
+}
+
 async fn publish_all(port: u16, scenario: &Scenario, qos: u8) {
     let report = publish(
         "127.0.0.1",
@@ -106,14 +114,7 @@ async fn stores_every_simulated_reading_with_exact_values_through_the_embedded_b
     let db = db_path(dir.path());
     let s = scenario(Format::Json, 5, 200, 7, &unique("emb"));
     let scenarios = [(&s, "climate")];
-    let (shutdown, gateway) = start_gateway(&gateway_config(
-        broker.port,
-        &db,
-        &unique("gw"),
-        "",
-        &scenarios,
-    ))
-    .await;
+    let (shutdown, gateway) = start_gateway_for(broker.port, &db, &scenarios).await;
     publish_all(broker.port, &s, 1).await;
     let expected = expected(&scenarios);
     wait_until_stored(&db, &expected).await;
@@ -151,14 +152,7 @@ async fn stores_json_senml_and_plain_values_exactly_through_mosquitto() {
     let senml = scenario(Format::Senml, 3, 150, 6, &unique("senml"));
     let value = scenario(Format::Value, 2, 150, 6, &unique("value"));
     let scenarios = [(&json, "climate"), (&senml, "weather"), (&value, "probe")];
-    let (shutdown, gateway) = start_gateway(&gateway_config(
-        mosquitto.port,
-        &db,
-        &unique("gw"),
-        "",
-        &scenarios,
-    ))
-    .await;
+    let (shutdown, gateway) = start_gateway_for(mosquitto.port, &db, &scenarios).await;
     for (s, _) in &scenarios {
         publish_all(mosquitto.port, s, 1).await;
     }
@@ -202,14 +196,7 @@ async fn rollups_equal_raw_readings_with_late_and_redelivered_readings() {
         ..on_time.clone()
     };
     let scenarios = [(&on_time, "bay")];
-    let (shutdown, gateway) = start_gateway(&gateway_config(
-        mosquitto.port,
-        &db,
-        &unique("gw"),
-        "",
-        &scenarios,
-    ))
-    .await;
+    let (shutdown, gateway) = start_gateway_for(mosquitto.port, &db, &scenarios).await;
     publish_all(mosquitto.port, &on_time, 1).await;
     publish_all(mosquitto.port, &late, 1).await;
     // Redelivery: the first half again.

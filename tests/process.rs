@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,6 +14,12 @@ use support::*;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
 
 struct Gateway {
     child: Child,
@@ -94,31 +100,14 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() 
     let db = db_path(dir.path());
     let s = scenario(Format::Json, 20, 600, 0, &unique("kill"));
     let scenarios = [(&s, "meter")];
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios),
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        &gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios),
+    );
 
     let mut gateway = Gateway::start(&config);
     gateway.wait_for_log("Subscribed", Duration::from_secs(10));
-    let port = mosquitto.port;
-    let publisher = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            publish(
-                "127.0.0.1",
-                port,
-                &unique("pub"),
-                s.messages(),
-                Pace::Steady(4000.0),
-                1,
-                CancellationToken::new(),
-            )
-            .await
-        })
-    };
+    let publisher = spawn_publisher(mosquitto.port, &s, Pace::Steady(4000.0));
     let mut seed = std::process::id() as u64;
     println!("kill schedule seed {seed}");
     let mut kills = 0;
@@ -276,30 +265,13 @@ async fn devices_and_query_read_the_database_while_run_writes_it() {
     let db = db_path(dir.path());
     let s = scenario(Format::Json, 3, 3000, 0, &unique("live"));
     let scenarios = [(&s, "room")];
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios),
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        &gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios),
+    );
     let mut gateway = Gateway::start(&config);
     gateway.wait_for_log("Subscribed", Duration::from_secs(10));
-    let port = mosquitto.port;
-    let publisher = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            publish(
-                "127.0.0.1",
-                port,
-                &unique("pub"),
-                s.messages(),
-                Pace::Steady(2000.0),
-                1,
-                CancellationToken::new(),
-            )
-            .await
-        })
-    };
+    let publisher = spawn_publisher(mosquitto.port, &s, Pace::Steady(2000.0));
     let mut reads = 0;
     while !publisher.is_finished() {
         let devices = Command::new(BIN)

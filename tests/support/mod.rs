@@ -64,6 +64,29 @@ pub fn gateway_config(
     text
 }
 
+/// Publishes every message of `scenario` at `pace` and QoS 1 on a task of its own.
+pub fn spawn_publisher(
+    port: u16,
+    scenario: &Scenario,
+    pace: sensorgate_sim::Pace,
+) -> tokio::task::JoinHandle<
+    Result<sensorgate_sim::PublishReport, sensorgate_sim::publish::PublishError>,
+> {
+    let scenario = scenario.clone();
+    tokio::spawn(async move {
+        sensorgate_sim::publish(
+            "127.0.0.1",
+            port,
+            &unique("pub"),
+            scenario.messages(),
+            pace,
+            1,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+    })
+}
+
 pub fn unique(name: &str) -> String {
     format!(
         "{name}-{}-{}",
