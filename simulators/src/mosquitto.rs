@@ -22,6 +22,14 @@ impl Mosquitto {
     /// When `mosquitto` is not installed or does not come up within 10 s: the callers are
     /// tests and benchmarks, which cannot go on without it.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts Mosquitto with `extra` appended to its config (more listeners, TLS).
+    ///
+    /// # Panics
+    /// As [`Mosquitto::start`].
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -37,7 +45,7 @@ impl Mosquitto {
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
                  persistence_location {dir}/\nautosave_interval 1\nuser {user}\n\
                  max_inflight_messages 1000\nmax_queued_messages 10000000\n\
-                 log_dest file {dir}/mosquitto.log\n",
+                 log_dest file {dir}/mosquitto.log\n{extra}\n",
                 dir = dir.path().display()
             ),
         )

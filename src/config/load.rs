@@ -80,15 +80,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let offset = spanned.span().start;
         let mut broker = spanned.into_inner();
         broker.line = line_of(text, offset);
-        if broker.address().is_none() {
+        let Some(endpoint) = broker.address() else {
             return Err(invalid(
                 offset,
                 format!(
-                    "broker `{}`: url `{}` must look like mqtt://host:1883 (TLS is not supported by this build)",
+                    "broker `{}`: url `{}` must look like mqtt://host:1883 or mqtts://host:8883",
                     broker.id, broker.url
                 ),
             ));
-        }
+        };
+        check_tls_files(&broker, endpoint.tls).map_err(|message| invalid(offset, message))?;
         if broker.max_unacked == 0 {
             return Err(invalid(
                 offset,
@@ -190,6 +191,36 @@ fn check_device(device: &mut DeviceConfig, brokers: &[BrokerConfig]) -> Result<(
                     mqtt.metrics.len()
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+fn check_tls_files(broker: &BrokerConfig, tls: bool) -> Result<(), String> {
+    let id = &broker.id;
+    let files = [&broker.ca_file, &broker.client_cert, &broker.client_key];
+    if !tls {
+        if files.iter().any(|f| f.is_some()) {
+            return Err(format!(
+                "broker `{id}`: ca_file, client_cert and client_key need an mqtts:// url"
+            ));
+        }
+        return Ok(());
+    }
+    if broker.client_cert.is_some() != broker.client_key.is_some() {
+        return Err(format!(
+            "broker `{id}`: client_cert and client_key go together; set both or neither"
+        ));
+    }
+    let needed = std::iter::once(broker.ca_file())
+        .chain(broker.client_cert.as_deref())
+        .chain(broker.client_key.as_deref());
+    for file in needed {
+        if let Err(err) = std::fs::File::open(file) {
+            return Err(format!(
+                "broker `{id}`: cannot read {}: {err}",
+                file.display()
+            ));
         }
     }
     Ok(())
@@ -418,6 +449,26 @@ mod tests {
             .to_string();
         assert!(err.starts_with("test.toml:1:"), "{err}");
         assert!(err.contains("mqtt://host:1883"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_are_checked_against_the_url_and_the_files() {
+        let plain = "[[brokers]]\nurl = \"mqtt://x\"\nca_file = \"/etc/hostname\"\n";
+        let err = parse_str(plain).unwrap_err().to_string();
+        assert!(err.contains("need an mqtts:// url"), "{err}");
+        let missing = "[[brokers]]\nurl = \"mqtts://x\"\nca_file = \"/nonexistent/ca.pem\"\n";
+        let err = parse_str(missing).unwrap_err().to_string();
+        assert!(err.contains("cannot read /nonexistent/ca.pem"), "{err}");
+        let half = "[[brokers]]\nurl = \"mqtts://x\"\nca_file = \"/etc/hostname\"\nclient_cert = \"/etc/hostname\"\n";
+        let err = parse_str(half).unwrap_err().to_string();
+        assert!(err.contains("set both or neither"), "{err}");
+        let ok =
+            parse_str("[[brokers]]\nurl = \"mqtts://x\"\nca_file = \"/etc/hostname\"\n").unwrap();
+        let endpoint = ok.brokers[0].address().unwrap();
+        assert_eq!(
+            (endpoint.host, endpoint.port, endpoint.tls),
+            ("x", 8883, true)
+        );
     }
 
     #[test]

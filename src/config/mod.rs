@@ -221,8 +221,28 @@ pub struct BrokerConfig {
     /// The longest wait between reconnect attempts.
     #[serde(default = "default_reconnect_max", with = "duration")]
     pub reconnect_max: Duration,
+    /// PEM file of the CAs that sign the broker's certificate (mqtts:// only); default the
+    /// system bundle.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate and key for client-certificate authentication (mqtts:// only).
+    #[serde(default)]
+    pub client_cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<std::path::PathBuf>,
     #[serde(skip)]
     pub line: usize,
+}
+
+/// Where the system's CA bundle lives on Debian and its derivatives.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A broker address parsed from its url.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub tls: bool,
 }
 
 fn default_broker_id() -> String {
@@ -242,14 +262,26 @@ fn default_reconnect_max() -> Duration {
 }
 
 impl BrokerConfig {
-    /// Host and port from `url`; `None` when it is not `mqtt://host[:port]`.
-    pub fn address(&self) -> Option<(&str, u16)> {
-        let rest = self.url.strip_prefix("mqtt://")?.trim_end_matches('/');
+    /// Host, port and TLS from `url`; `None` when it is not `mqtt://host[:port]` or
+    /// `mqtts://host[:port]` (default ports 1883 and 8883).
+    pub fn address(&self) -> Option<Endpoint<'_>> {
+        let (rest, tls) = match self.url.strip_prefix("mqtts://") {
+            Some(rest) => (rest, true),
+            None => (self.url.strip_prefix("mqtt://")?, false),
+        };
+        let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((host, port)) => (host, port.parse::<u16>().ok()?),
-            None => (rest, 1883),
+            None => (rest, if tls { 8883 } else { 1883 }),
         };
-        (!host.is_empty() && !host.contains('/')).then_some((host, port))
+        (!host.is_empty() && !host.contains('/')).then_some(Endpoint { host, port, tls })
+    }
+
+    /// The CA file to trust for mqtts://.
+    pub fn ca_file(&self) -> &std::path::Path {
+        self.ca_file
+            .as_deref()
+            .unwrap_or(std::path::Path::new(SYSTEM_CA_FILE))
     }
 }
 

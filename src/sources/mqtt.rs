@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration,
+    Transport,
+};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -159,12 +162,31 @@ struct Session {
 
 impl Session {
     async fn run(mut self, cancel: CancellationToken) {
-        let Some((host, port)) = self.broker.address() else {
+        let Some(endpoint) = self.broker.address() else {
             tracing::error!(broker = %self.broker.id, "Broker url unusable; session not started");
             return;
         };
         let keep_alive = self.broker.keep_alive.max(Duration::from_secs(1));
-        let mut options = MqttOptions::new(&self.broker.client_id, host, port);
+        let mut options = MqttOptions::new(&self.broker.client_id, endpoint.host, endpoint.port);
+        if endpoint.tls {
+            let mut backoff = Backoff::new(Duration::from_millis(200), self.broker.reconnect_max);
+            loop {
+                match tls_transport(&self.broker) {
+                    Ok(transport) => {
+                        options.set_transport(transport);
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::error!(broker = %self.broker.id, error = %err, "TLS files unusable");
+                        self.link.send_replace(Link::Down(err.to_string()));
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff.next_delay()) => {}
+                            () = cancel.cancelled() => return,
+                        }
+                    }
+                }
+            }
+        }
         options
             .set_keep_alive(keep_alive)
             .set_clean_session(false)
@@ -392,6 +414,36 @@ impl Session {
         self.routes.clear();
         self.events = None;
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+struct TlsFileError {
+    path: std::path::PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// rustls with the CA file (and client certificate) the broker's config names.
+fn tls_transport(broker: &BrokerConfig) -> Result<Transport, TlsFileError> {
+    // Once per process; later calls find it installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| TlsFileError {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let ca = read(broker.ca_file())?;
+    let client_auth = match (&broker.client_cert, &broker.client_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    Ok(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth,
+    }))
 }
 
 /// Hands the front delivery to its device, or an unrouted one to the pipeline as a
