@@ -163,11 +163,15 @@ pub async fn run(db: &Path, duration: Duration) -> anyhow::Result<()> {
         crate::query::render(&store.devices().await?, crate::query::Format::Table)
     );
     let db = db.display();
+    // The binary that runs now, so the commands work before `sensorgate` is on the PATH.
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "sensorgate".into());
     println!("\nTry:");
-    println!("  sensorgate devices --db {db}");
-    println!("  sensorgate query --db {db} greenhouse-0 temperature --since 1h --limit 10");
-    println!("  sensorgate query --db {db} greenhouse-0 --every 1m --since 1h");
-    println!("  sensorgate query --db {db} weather-1 humidity --since 1h --format csv --limit 5");
+    println!("  {exe} devices --db {db}");
+    println!("  {exe} query --db {db} greenhouse-0 temperature --since 1h --limit 10");
+    println!("  {exe} query --db {db} greenhouse-0 --every 1m --since 1h");
+    println!("  {exe} query --db {db} weather-1 humidity --since 1h --format csv --limit 5");
     Ok(())
 }
 
