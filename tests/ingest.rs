@@ -22,18 +22,7 @@ async fn start_gateway(text: &str) -> (CancellationToken, JoinHandle<Result<(), 
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
     let pool = read_pool(&db).await;
-    wait_for("devices subscribed", Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move {
-            count(
-                &pool,
-                "SELECT count(*) FROM devices WHERE state = 'connected'",
-            )
-            .await
-                == devices
-        }
-    })
-    .await;
+    wait_for_devices_in(&pool, "connected", devices).await;
     (shutdown, handle)
 }
 
@@ -268,40 +257,14 @@ async fn broker_restart_mid_stream_reconnects_resubscribes_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     mosquitto.kill();
     let pool = read_pool(&db).await;
-    wait_for(
-        "devices marked failing while the broker is down",
-        Duration::from_secs(10),
-        || {
-            let pool = pool.clone();
-            async move {
-                count(
-                    &pool,
-                    "SELECT count(*) FROM devices WHERE state = 'failing'",
-                )
-                .await
-                    == 10
-            }
-        },
-    )
-    .await;
+    wait_for_devices_in(&pool, "failing", 10).await;
     let error: String = sqlx::query_scalar("SELECT last_error FROM devices LIMIT 1")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert!(error.starts_with("broker test:"), "{error}");
     mosquitto.restart();
-    wait_for("devices connected again", Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move {
-            count(
-                &pool,
-                "SELECT count(*) FROM devices WHERE state = 'connected'",
-            )
-            .await
-                == 10
-        }
-    })
-    .await;
+    wait_for_devices_in(&pool, "connected", 10).await;
     // Published after the restart: only a resubscribed session receives these.
     publish(
         "127.0.0.1",

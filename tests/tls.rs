@@ -160,22 +160,7 @@ async fn mqtts_with_server_and_client_certificates_and_a_wrong_ca_refused() {
         let running = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
         let pool = read_pool(&db).await;
         let want = if accepted { "connected" } else { "failing" };
-        wait_for(
-            &format!("{case}: devices {want}"),
-            Duration::from_secs(10),
-            || {
-                let pool = pool.clone();
-                async move {
-                    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM devices WHERE state = ?1")
-                        .bind(want)
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap()
-                        == 2
-                }
-            },
-        )
-        .await;
+        wait_for_devices_in(&pool, want, 2).await;
         if accepted {
             // Published on the plain listener; received over TLS.
             let report = spawn_publisher(mosquitto.port, &s, sensorgate_sim::Pace::Unlimited)

@@ -118,6 +118,23 @@ pub async fn stored_readings(pool: &SqlitePool) -> BTreeMap<(String, String, i64
     .collect()
 }
 
+/// Waits until exactly `n` devices are in `state` (`connected`, `failing`, ...).
+pub async fn wait_for_devices_in(pool: &SqlitePool, state: &str, n: i64) {
+    wait_for(
+        &format!("{n} devices {state}"),
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM devices WHERE state = ?1")
+                .bind(state)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+                == n
+        },
+    )
+    .await;
+}
+
 pub async fn count(pool: &SqlitePool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
