@@ -61,12 +61,52 @@ pub struct RawReading {
     pub source_time: Option<Millis>,
 }
 
-/// A validated reading, ready to store.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Reading {
+/// Identifies a series within one run of the gateway: a dense number validation hands out,
+/// so later stages hash and compare an integer rather than two strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeriesKey(pub u32);
+
+/// One metric of one device, as validation interned it. Cheap to clone; equal when the keys
+/// are.
+#[derive(Clone, Debug)]
+pub struct Series(Arc<SeriesInfo>);
+
+#[derive(Debug)]
+pub struct SeriesInfo {
+    pub key: SeriesKey,
     pub device: DeviceId,
     pub metric: Arc<str>,
     pub unit: Option<Arc<str>>,
+}
+
+impl Series {
+    pub fn new(info: SeriesInfo) -> Self {
+        Self(Arc::new(info))
+    }
+    pub fn key(&self) -> SeriesKey {
+        self.0.key
+    }
+    pub fn device(&self) -> &DeviceId {
+        &self.0.device
+    }
+    pub fn metric(&self) -> &str {
+        &self.0.metric
+    }
+    pub fn unit(&self) -> Option<&str> {
+        self.0.unit.as_deref()
+    }
+}
+
+impl PartialEq for Series {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+/// A validated reading, ready to store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading {
+    pub series: Series,
     pub value: f64,
     /// The idempotency key: the source's time when it gave one, else the receive time.
     pub time: Millis,
@@ -329,15 +369,15 @@ impl RollupCell {
     }
 }
 
-/// Identifies a time series: one metric of one device.
-pub type SeriesName = (DeviceId, Arc<str>);
-
 /// Rollup cells for a set of readings, one per series, window width and bucket.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Rollups {
     widths: Vec<Millis>,
-    cells: FastMap<(SeriesName, Millis, Millis), RollupCell>,
+    cells: FastMap<RollupKey, RollupCell>,
 }
+
+/// `(series, window width, bucket start)`.
+pub type RollupKey = (SeriesKey, Millis, Millis);
 
 impl Rollups {
     pub fn new(widths: Vec<Millis>) -> Self {
@@ -350,7 +390,7 @@ impl Rollups {
     pub fn add(&mut self, reading: &Reading) {
         for &width in &self.widths {
             let key = (
-                (reading.device.clone(), reading.metric.clone()),
+                reading.series.key(),
                 width,
                 bucket_start(reading.time, width),
             );
@@ -374,8 +414,7 @@ impl Rollups {
         self.cells.len()
     }
 
-    /// `((series, width, bucket start), cell)` pairs.
-    pub fn iter(&self) -> impl Iterator<Item = (&(SeriesName, Millis, Millis), &RollupCell)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&RollupKey, &RollupCell)> {
         self.cells.iter()
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::reading::{DeviceId, FastSet, Millis, Rollups, SeriesName, StatusChange, Ticket};
+use crate::reading::{DeviceId, FastSet, Millis, Rollups, SeriesKey, StatusChange, Ticket};
 use crate::storage::Batch;
 
 use super::validate::Checked;
@@ -12,7 +12,7 @@ pub struct Batcher {
     widths: Vec<Millis>,
     max_readings: usize,
     batch: Batch,
-    keys: FastSet<(SeriesName, Millis)>,
+    keys: FastSet<(SeriesKey, Millis)>,
 }
 
 impl Batcher {
@@ -31,11 +31,7 @@ impl Batcher {
         let batch = &mut self.batch;
         batch.messages += 1;
         for reading in checked.readings {
-            let key = (
-                (reading.device.clone(), reading.metric.clone()),
-                reading.time,
-            );
-            if self.keys.insert(key) {
+            if self.keys.insert((reading.series.key(), reading.time)) {
                 batch.rollups.add(&reading);
                 batch.readings.push(reading);
             } else {
@@ -82,13 +78,16 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::reading::{Reading, ReadingFlags};
+    use crate::reading::{Reading, ReadingFlags, Series, SeriesInfo};
 
     fn reading(time: Millis, value: f64) -> Reading {
         Reading {
-            device: DeviceId::new("d"),
-            metric: Arc::from("t"),
-            unit: None,
+            series: Series::new(SeriesInfo {
+                key: SeriesKey(0),
+                device: DeviceId::new("d"),
+                metric: Arc::from("t"),
+                unit: None,
+            }),
             value,
             time,
             received_at: time,

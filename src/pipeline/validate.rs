@@ -8,9 +8,14 @@ use std::sync::Arc;
 use crate::config::{Config, UnknownMetrics, ValidationConfig};
 use crate::decode::format_rfc3339;
 use crate::reading::{
-    DeviceId, FastMap, FastSet, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason,
-    Rejection, SeriesName,
+    DeviceId, FastMap, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason, Rejection,
+    Series, SeriesInfo, SeriesKey,
 };
+
+/// Why one value was not stored, and the sentence that says so.
+type Invalid = (RejectReason, String);
+/// A metric's configured min and max.
+type Limits = (Option<f64>, Option<f64>);
 
 /// What one message became.
 #[derive(Debug, Default, PartialEq)]
@@ -20,25 +25,28 @@ pub struct Checked {
 }
 
 struct MetricRule {
-    name: Arc<str>,
-    unit: Option<Arc<str>>,
+    name: String,
+    unit: Option<String>,
     min: Option<f64>,
     max: Option<f64>,
+    /// Interned at the first reading, so a payload's unit can stand in for a missing one.
+    series: Option<Series>,
 }
 
 #[derive(Default)]
 struct DeviceRules {
     /// By payload field.
     metrics: HashMap<String, MetricRule>,
-    /// Metrics the config does not list that were accepted, bounded by
+    /// Metrics the config does not list that were accepted, by payload field; bounded by
     /// `max_metrics_per_device`.
-    extra: FastSet<Arc<str>>,
+    extra: FastMap<String, Series>,
 }
 
 pub struct Validator {
     devices: HashMap<DeviceId, DeviceRules>,
     limits: ValidationConfig,
-    last_receive_stamp: FastMap<SeriesName, Millis>,
+    /// Per series key: the last receive-time stamp handed out.
+    last_receive_stamp: Vec<Millis>,
 }
 
 impl Validator {
@@ -52,17 +60,18 @@ impl Validator {
                     .iter()
                     .map(|m| {
                         let rule = MetricRule {
-                            name: Arc::from(m.name.as_str()),
-                            unit: m.unit.as_deref().map(Arc::from),
+                            name: m.name.clone(),
+                            unit: m.unit.clone(),
                             min: m.min,
                             max: m.max,
+                            series: None,
                         };
                         (m.field().to_string(), rule)
                     })
                     .collect();
                 let rules = DeviceRules {
                     metrics,
-                    extra: FastSet::default(),
+                    extra: FastMap::default(),
                 };
                 (DeviceId::new(device.id()), rules)
             })
@@ -70,7 +79,7 @@ impl Validator {
         Self {
             devices,
             limits: config.validation.clone(),
-            last_receive_stamp: FastMap::default(),
+            last_receive_stamp: Vec::new(),
         }
     }
 
@@ -103,21 +112,31 @@ impl Validator {
         checked
     }
 
-    fn check_one(
+    /// The series `raw` belongs to, with its configured limits; interns a metric the config
+    /// does not list when the policy and the cap allow it.
+    fn series_of(
         &mut self,
         device: &DeviceId,
-        received_at: Millis,
         raw: &RawReading,
-    ) -> Result<Reading, (RejectReason, String)> {
+    ) -> Result<(Series, Limits), Invalid> {
+        let stamps = &mut self.last_receive_stamp;
         let Some(rules) = self.devices.get_mut(device) else {
             return Err((
                 RejectReason::UnknownDevice,
                 format!("device `{device}` is not configured"),
             ));
         };
-        let rule = rules.metrics.get(&raw.field);
-        let restricted = !rules.metrics.is_empty();
-        if rule.is_none() && restricted && self.limits.unknown_metrics == UnknownMetrics::Reject {
+        if let Some(rule) = rules.metrics.get_mut(&raw.field) {
+            let unit = rule.unit.as_deref().or(raw.unit.as_deref());
+            let series = rule
+                .series
+                .get_or_insert_with(|| intern(stamps, device, &rule.name, unit));
+            return Ok((series.clone(), (rule.min, rule.max)));
+        }
+        if let Some(series) = rules.extra.get(&raw.field) {
+            return Ok((series.clone(), (None, None)));
+        }
+        if !rules.metrics.is_empty() && self.limits.unknown_metrics == UnknownMetrics::Reject {
             return Err((
                 RejectReason::UnknownMetric,
                 format!(
@@ -126,47 +145,46 @@ impl Validator {
                 ),
             ));
         }
-        let metric: Arc<str> = match rule {
-            Some(rule) => rule.name.clone(),
-            None => match rules.extra.get(raw.field.as_str()) {
-                Some(known) => known.clone(),
-                None if rules.extra.len() >= self.limits.max_metrics_per_device => {
-                    return Err((
-                        RejectReason::UnknownMetric,
-                        format!(
-                            "metric `{}`: device `{device}` already sends {} metrics its config does \
-                             not list (validation.max_metrics_per_device)",
-                            raw.field, self.limits.max_metrics_per_device
-                        ),
-                    ));
-                }
-                None => {
-                    let name: Arc<str> = Arc::from(raw.field.as_str());
-                    rules.extra.insert(name.clone());
-                    name
-                }
-            },
-        };
-        let rule = rules.metrics.get(&raw.field);
+        if rules.extra.len() >= self.limits.max_metrics_per_device {
+            return Err((
+                RejectReason::UnknownMetric,
+                format!(
+                    "metric `{}`: device `{device}` already sends {} metrics its config does \
+                     not list (validation.max_metrics_per_device)",
+                    raw.field, self.limits.max_metrics_per_device
+                ),
+            ));
+        }
+        let series = intern(stamps, device, &raw.field, raw.unit.as_deref());
+        rules.extra.insert(raw.field.clone(), series.clone());
+        Ok((series, (None, None)))
+    }
+
+    fn check_one(
+        &mut self,
+        device: &DeviceId,
+        received_at: Millis,
+        raw: &RawReading,
+    ) -> Result<Reading, Invalid> {
+        let (series, (min, max)) = self.series_of(device, raw)?;
+        let metric = series.metric();
         if !raw.value.is_finite() {
             return Err((
                 RejectReason::NotFinite,
                 format!("{metric} = {} is not a finite number", raw.value),
             ));
         }
-        if let Some(rule) = rule {
-            if let Some(min) = rule.min.filter(|min| raw.value < *min) {
-                return Err((
-                    RejectReason::OutOfRange,
-                    format!("{metric} = {} is below min {min}", raw.value),
-                ));
-            }
-            if let Some(max) = rule.max.filter(|max| raw.value > *max) {
-                return Err((
-                    RejectReason::OutOfRange,
-                    format!("{metric} = {} is above max {max}", raw.value),
-                ));
-            }
+        if let Some(min) = min.filter(|min| raw.value < *min) {
+            return Err((
+                RejectReason::OutOfRange,
+                format!("{metric} = {} is below min {min}", raw.value),
+            ));
+        }
+        if let Some(max) = max.filter(|max| raw.value > *max) {
+            return Err((
+                RejectReason::OutOfRange,
+                format!("{metric} = {} is above max {max}", raw.value),
+            ));
         }
         let mut flags = 0;
         let time = match raw.source_time {
@@ -203,27 +221,31 @@ impl Validator {
             }
             None => {
                 flags |= ReadingFlags::RECEIVE_TIME;
-                let last = self
-                    .last_receive_stamp
-                    .entry((device.clone(), metric.clone()))
-                    .or_insert(Millis::MIN);
+                let last = &mut self.last_receive_stamp[series.key().0 as usize];
                 *last = received_at.max(last.saturating_add(1));
                 *last
             }
         };
-        let unit = rule
-            .and_then(|r| r.unit.clone())
-            .or_else(|| raw.unit.as_deref().map(Arc::from));
         Ok(Reading {
-            device: device.clone(),
-            metric,
-            unit,
+            series,
             value: raw.value,
             time,
             received_at,
             flags: ReadingFlags(flags),
         })
     }
+}
+
+/// A new series with the next key; `stamps` holds one entry per key.
+fn intern(stamps: &mut Vec<Millis>, device: &DeviceId, metric: &str, unit: Option<&str>) -> Series {
+    let key = SeriesKey(stamps.len() as u32);
+    stamps.push(Millis::MIN);
+    Series::new(SeriesInfo {
+        key,
+        device: device.clone(),
+        metric: Arc::from(metric),
+        unit: unit.map(Arc::from),
+    })
 }
 
 #[cfg(test)]
@@ -282,7 +304,7 @@ mod tests {
         assert_eq!(out.rejections, vec![]);
         let r = &out.readings[0];
         assert_eq!(
-            (&*r.metric, r.unit.as_deref(), r.value, r.time),
+            (r.series.metric(), r.series.unit(), r.value, r.time),
             ("humidity", Some("%"), 40.0, NOW - 10)
         );
         assert_eq!(r.flags, ReadingFlags(0));
@@ -333,7 +355,7 @@ mod tests {
     #[test]
     fn unknown_metrics_follow_the_policy() {
         let stored = validator("").check(&message(vec![raw("co2", 400.0, None)]));
-        assert_eq!(&*stored.readings[0].metric, "co2");
+        assert_eq!(stored.readings[0].series.metric(), "co2");
         let rejected = validator("unknown_metrics = \"reject\"")
             .check(&message(vec![raw("co2", 400.0, None)]));
         assert_eq!(rejected.rejections[0].reason, RejectReason::UnknownMetric);
@@ -349,7 +371,7 @@ mod tests {
             raw("c", 1.0, None),
             raw("hum", 1.0, None),
         ]));
-        let names: Vec<&str> = out.readings.iter().map(|r| &*r.metric).collect();
+        let names: Vec<&str> = out.readings.iter().map(|r| r.series.metric()).collect();
         assert_eq!(names, vec!["a", "b", "a", "humidity"]);
         assert_eq!(out.rejections.len(), 1);
         assert_eq!(out.rejections[0].reason, RejectReason::UnknownMetric);

@@ -82,6 +82,9 @@ pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, Stor
         })
         .busy_timeout(config.busy_timeout)
         .foreign_keys(false)
+        // Enough for every statement shape the writer uses (see writer::CHUNK_SIZES); more
+        // would only hold memory for statements that are never run again.
+        .statement_cache_capacity(64)
         // Negative: a size in KiB rather than in pages.
         .pragma(
             "cache_size",

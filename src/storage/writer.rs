@@ -12,11 +12,13 @@ use tokio::sync::mpsc;
 use super::{Batch, StorageError};
 use crate::config::RetentionConfig;
 use crate::reading::{
-    DeviceId, DeviceState, DropCounter, FastMap, Millis, Reading, Rollups, SeriesName, now_millis,
+    DeviceId, DeviceState, DropCounter, FastMap, Millis, Reading, Rollups, SeriesKey, now_millis,
 };
 
-/// Rows per multi-row statement: one statement per row is about 100 times slower.
-const ROWS_PER_STATEMENT: usize = 500;
+/// Rows per multi-row statement, largest first: one statement per row is about 100 times
+/// slower. A batch is cut into chunks of these sizes only, so the few statement shapes stay
+/// prepared in the connection's cache instead of one new statement per batch.
+const CHUNK_SIZES: [usize; 4] = [1024, 128, 16, 1];
 /// Between retries of a batch whose transaction failed (disk full, database locked).
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -29,17 +31,25 @@ pub struct DeviceEntry {
     pub dropped: Arc<DropCounter>,
 }
 
+/// The database ids behind a series key.
+#[derive(Clone, Copy)]
+struct SeriesIds {
+    series: i64,
+    device: i64,
+}
+
 pub struct Writer {
     pool: SqlitePool,
     devices: FastMap<DeviceId, i64>,
-    series: FastMap<SeriesName, i64>,
+    /// By [`SeriesKey`]; filled as series first appear in a batch.
+    series: Vec<Option<SeriesIds>>,
     drop_counters: Vec<(i64, Arc<DropCounter>)>,
     retention: RetentionConfig,
     retention_cursor: i64,
 }
 
 impl Writer {
-    /// Registers the configured devices (state `starting`) and loads the series ids.
+    /// Registers the configured devices (state `starting`).
     ///
     /// # Errors
     /// When the database cannot be written.
@@ -68,26 +78,10 @@ impl Writer {
             drop_counters.push((id, entry.dropped));
         }
         tx.commit().await?;
-        let rows = sqlx::query(
-            "SELECT s.id, d.name, s.metric FROM series s JOIN devices d ON d.id = s.device_id",
-        )
-        .fetch_all(&pool)
-        .await?;
-        let series = rows
-            .into_iter()
-            .map(|row| {
-                let name: String = row.get(1);
-                let metric: String = row.get(2);
-                (
-                    (DeviceId::new(&name), Arc::from(metric.as_str())),
-                    row.get(0),
-                )
-            })
-            .collect();
         Ok(Self {
             pool,
             devices,
-            series,
+            series: Vec::new(),
             drop_counters,
             retention,
             retention_cursor: 0,
@@ -187,9 +181,9 @@ impl Writer {
     }
 
     /// Drops series ids cached by a transaction that did not commit.
-    fn forget(&mut self, added: &mut Vec<SeriesName>) {
+    fn forget(&mut self, added: &mut Vec<SeriesKey>) {
         for key in added.drain(..) {
-            self.series.remove(&key);
+            self.series[key.0 as usize] = None;
         }
     }
 
@@ -202,7 +196,7 @@ impl Writer {
         &mut self,
         batch: &Batch,
         drops: &[(i64, Arc<DropCounter>, u64)],
-        added: &mut Vec<SeriesName>,
+        added: &mut Vec<SeriesKey>,
         exact: bool,
     ) -> Result<Written, StorageError> {
         let mut tx = self.pool.begin().await?;
@@ -213,12 +207,12 @@ impl Writer {
         let mut rows: Vec<(i64, &Reading)> = batch
             .readings
             .iter()
-            .map(|r| (self.series_id(r), r))
+            .map(|r| (self.ids(r).series, r))
             .collect();
         rows.sort_unstable_by_key(|(series, r)| (*series, r.time));
         let new_keys: Option<HashSet<(i64, Millis)>> = if exact {
             let mut keys = HashSet::new();
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            for chunk in chunks(&rows) {
                 let mut query = Self::insert_readings(chunk, " RETURNING series_id, ts");
                 for row in query.build().fetch_all(&mut *tx).await? {
                     keys.insert((row.get(0), row.get(1)));
@@ -227,7 +221,7 @@ impl Writer {
             Some(keys)
         } else {
             let mut stored = 0;
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            for chunk in chunks(&rows) {
                 let mut query = Self::insert_readings(chunk, "");
                 stored += query.build().execute(&mut *tx).await?.rows_affected();
             }
@@ -242,11 +236,12 @@ impl Writer {
             .as_ref()
             .map(|_| Rollups::new(batch.rollups.widths().to_vec()));
         for reading in &batch.readings {
-            let delta = per_device.entry(self.devices[&reading.device]).or_default();
+            let ids = self.ids(reading);
+            let delta = per_device.entry(ids.device).or_default();
             delta.last_seen = delta.last_seen.max(reading.received_at);
             let is_new = new_keys
                 .as_ref()
-                .is_none_or(|keys| keys.contains(&(self.series_id(reading), reading.time)));
+                .is_none_or(|keys| keys.contains(&(ids.series, reading.time)));
             if is_new {
                 delta.readings += 1;
                 if let Some(fresh) = &mut fresh {
@@ -265,7 +260,7 @@ impl Writer {
         self.upsert_rollups(&mut tx, fresh.as_ref().unwrap_or(&batch.rollups))
             .await?;
 
-        for chunk in batch.rejections.chunks(ROWS_PER_STATEMENT) {
+        for chunk in chunks(&batch.rejections) {
             let mut query = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO rejections (received_at, device_id, source, reason, detail, raw) ",
             );
@@ -312,8 +307,10 @@ impl Writer {
         Ok(Written::Committed)
     }
 
-    fn series_id(&self, reading: &Reading) -> i64 {
-        self.series[&(reading.device.clone(), reading.metric.clone())]
+    /// The ids of a reading's series. Every reading of a batch has them: `ensure_series`
+    /// runs first in the batch's transaction.
+    fn ids(&self, reading: &Reading) -> SeriesIds {
+        self.series[reading.series.key().0 as usize].expect("ensure_series ran for this batch")
     }
 
     /// `INSERT ... ON CONFLICT DO NOTHING` for `chunk`, followed by `tail`.
@@ -338,24 +335,32 @@ impl Writer {
         &mut self,
         tx: &mut SqliteConnection,
         readings: &[Reading],
-        added: &mut Vec<SeriesName>,
+        added: &mut Vec<SeriesKey>,
     ) -> Result<(), StorageError> {
         for reading in readings {
-            let key = (reading.device.clone(), reading.metric.clone());
-            if self.series.contains_key(&key) {
+            let key = reading.series.key();
+            let slot = key.0 as usize;
+            if self.series.get(slot).is_some_and(Option::is_some) {
                 continue;
             }
+            let device = *self
+                .devices
+                .get(reading.series.device())
+                .ok_or_else(|| StorageError::UnknownDevice(reading.series.device().to_string()))?;
             let id: i64 = sqlx::query_scalar(
                 "INSERT INTO series (device_id, metric, unit) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (device_id, metric) DO UPDATE SET unit = coalesce(excluded.unit, unit) \
                  RETURNING id",
             )
-            .bind(self.devices[&reading.device])
-            .bind(&*reading.metric)
-            .bind(reading.unit.as_deref())
+            .bind(device)
+            .bind(reading.series.metric())
+            .bind(reading.series.unit())
             .fetch_one(&mut *tx)
             .await?;
-            self.series.insert(key.clone(), id);
+            if self.series.len() <= slot {
+                self.series.resize(slot + 1, None);
+            }
+            self.series[slot] = Some(SeriesIds { series: id, device });
             added.push(key);
         }
         Ok(())
@@ -366,14 +371,20 @@ impl Writer {
         tx: &mut SqliteConnection,
         rollups: &Rollups,
     ) -> Result<(), StorageError> {
-        let cells: Vec<_> = rollups.iter().collect();
-        for chunk in cells.chunks(ROWS_PER_STATEMENT / 2) {
+        let cells: Vec<_> = rollups
+            .iter()
+            .filter_map(|((key, width, bucket), cell)| {
+                let ids = self.series.get(key.0 as usize).copied().flatten()?;
+                Some(((ids.series, *width, *bucket), cell))
+            })
+            .collect();
+        for chunk in chunks(&cells) {
             let mut query = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO rollups (series_id, width_ms, bucket, n, min_v, max_v, sum_v, \
                  first_ts, first_v, last_ts, last_v) ",
             );
             query.push_values(chunk, |mut row, ((series, width, bucket), cell)| {
-                row.push_bind(self.series[series])
+                row.push_bind(*series)
                     .push_bind(*width)
                     .push_bind(*bucket)
                     .push_bind(cell.count)
@@ -408,8 +419,9 @@ impl Writer {
         let cutoff = |d: Option<Duration>| d.map(|d| now - d.as_millis() as Millis);
         let limit = i64::from(self.retention.step_rows);
         let series: Vec<i64> = {
-            let mut ids: Vec<i64> = self.series.values().copied().collect();
-            ids.sort_unstable();
+            let mut ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM series ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
             let start = ids.partition_point(|id| *id <= self.retention_cursor);
             ids.rotate_left(start);
             ids
@@ -495,7 +507,7 @@ async fn update_devices(
     deltas: &HashMap<i64, DeviceDelta>,
 ) -> Result<(), StorageError> {
     let deltas: Vec<_> = deltas.iter().collect();
-    for chunk in deltas.chunks(ROWS_PER_STATEMENT / 2) {
+    for chunk in chunks(&deltas) {
         let mut query = QueryBuilder::<Sqlite>::new(
             "UPDATE devices SET \
              last_seen = CASE WHEN d.column2 > 0 THEN max(coalesce(devices.last_seen, 0), d.column2) \
@@ -515,4 +527,31 @@ async fn update_devices(
         query.build().execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// `items` in chunks of [`CHUNK_SIZES`], largest first.
+fn chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        let size = CHUNK_SIZES.into_iter().find(|&size| size <= rest.len())?;
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_use_only_the_fixed_sizes_and_cover_everything() {
+        for n in [0, 1, 15, 16, 17, 1000, 1024, 2500, 10_000] {
+            let items: Vec<usize> = (0..n).collect();
+            let parts: Vec<&[usize]> = chunks(&items).collect();
+            assert!(parts.iter().all(|p| CHUNK_SIZES.contains(&p.len())), "{n}");
+            assert_eq!(parts.concat(), items, "{n}");
+        }
+        assert_eq!(chunks(&[0u8; 2500]).count(), 2 + 3 + 4 + 4);
+    }
 }
