@@ -288,16 +288,48 @@ pub struct StatusChange {
     pub at: Millis,
 }
 
+/// Transport and protocol trouble a device task counts, folded into the device's row so an
+/// operator sees how often a port dropped or a slave failed to answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Connections (port opens) that failed or broke.
+    pub reconnects: u64,
+    /// Requests that got no answer in time.
+    pub timeouts: u64,
+    /// Answers that arrived garbled: bad CRC or not a valid frame.
+    pub crc_errors: u64,
+    /// Modbus exception responses.
+    pub exceptions: u64,
+}
+
+impl FaultCounts {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn add(&mut self, other: &Self) {
+        self.reconnects += other.reconnects;
+        self.timeouts += other.timeouts;
+        self.crc_errors += other.crc_errors;
+        self.exceptions += other.exceptions;
+    }
+}
+
 /// Everything a source sends into the pipeline.
 #[derive(Debug)]
 pub enum SourceEvent {
     Message(Message),
-    /// Input no device claims (an MQTT topic no filter matches).
+    /// Input that is stored as a rejection without decoding: an MQTT topic no filter matches,
+    /// a line longer than its limit.
     Rejected {
         rejection: Rejection,
         ticket: Option<Ticket>,
     },
     Status(StatusChange),
+    Faults {
+        device: DeviceId,
+        counts: FaultCounts,
+    },
 }
 
 /// Counters a source keeps outside the pipeline, for what cannot travel through it (messages

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    BrokerConfig, Config, DeviceConfig, PayloadFormat, PipelineConfig, RollupConfig, StorageConfig,
-    ValidationConfig,
+    BrokerConfig, Config, DeviceConfig, FormatOptions, PayloadFormat, PipelineConfig, RollupConfig,
+    SerialPortConfig, StorageConfig, ValidationConfig, serial,
 };
 
 /// A config that cannot be used, with where and why.
@@ -43,6 +43,8 @@ struct ConfigFile {
     rollups: RollupConfig,
     #[serde(default)]
     brokers: Vec<Spanned<BrokerConfig>>,
+    #[serde(default)]
+    serial_ports: Vec<Spanned<SerialPortConfig>>,
     #[serde(default)]
     devices: Vec<Spanned<DeviceConfig>>,
 }
@@ -108,13 +110,32 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         brokers.push(broker);
     }
 
-    let mut devices = Vec::new();
+    let mut serial_ports: Vec<SerialPortConfig> = Vec::new();
+    for spanned in file.serial_ports {
+        let offset = spanned.span().start;
+        let mut port = spanned.into_inner();
+        port.line = line_of(text, offset);
+        serial::check_port(&port).map_err(|message| invalid(offset, message))?;
+        if serial_ports.iter().any(|p| p.id == port.id) {
+            return Err(invalid(
+                offset,
+                format!(
+                    "serial port id `{}` is used twice; give each port its own id",
+                    port.id
+                ),
+            ));
+        }
+        serial_ports.push(port);
+    }
+
+    let mut devices: Vec<DeviceConfig> = Vec::new();
     let mut ids = HashSet::new();
     for spanned in file.devices {
         let offset = spanned.span().start;
         let mut device = spanned.into_inner();
         device.set_line(line_of(text, offset));
-        check_device(&mut device, &brokers).map_err(|message| invalid(offset, message))?;
+        check_device(&mut device, &brokers, &serial_ports, &devices)
+            .map_err(|message| invalid(offset, message))?;
         if !ids.insert(device.id().to_string()) {
             return Err(invalid(
                 offset,
@@ -133,16 +154,27 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         validation: file.validation,
         rollups: file.rollups,
         brokers,
+        serial_ports,
         devices,
     };
     check_limits(&config).map_err(|(key, message)| invalid(offset_of(text, key), message))?;
     Ok(config)
 }
 
-fn check_device(device: &mut DeviceConfig, brokers: &[BrokerConfig]) -> Result<(), String> {
+fn check_device(
+    device: &mut DeviceConfig,
+    brokers: &[BrokerConfig],
+    ports: &[SerialPortConfig],
+    earlier: &[DeviceConfig],
+) -> Result<(), String> {
     let id = device.id().to_string();
     if id.is_empty() || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(format!("device id `{id}` must be non-empty without spaces"));
+    }
+    match device {
+        DeviceConfig::Mqtt(_) => {}
+        DeviceConfig::Serial(line) => serial::check_line_device(line, ports, earlier)?,
+        DeviceConfig::Modbus(modbus) => serial::check_modbus_device(modbus, ports, earlier)?,
     }
     let mut names = HashSet::new();
     for metric in device.metrics() {
@@ -185,10 +217,88 @@ fn check_device(device: &mut DeviceConfig, brokers: &[BrokerConfig]) -> Result<(
             if mqtt.qos > 2 {
                 return Err(format!("device `{id}`: qos must be 0, 1 or 2"));
             }
-            if mqtt.format == PayloadFormat::Value && mqtt.metrics.len() > 1 {
+        }
+        DeviceConfig::Serial(_) | DeviceConfig::Modbus(_) => {}
+    }
+    if let Some(options) = device.format_options() {
+        check_format(&id, &options, device.metrics())?;
+    }
+    Ok(())
+}
+
+/// The options a payload format needs are there, the ones it ignores are not, and every
+/// configured field can be found in what the format yields.
+fn check_format(
+    id: &str,
+    options: &FormatOptions<'_>,
+    metrics: &[super::MetricConfig],
+) -> Result<(), String> {
+    let format = options.format;
+    if format != PayloadFormat::Csv && (!options.columns.is_empty() || options.delimiter.is_some())
+    {
+        return Err(format!(
+            "device `{id}`: `columns` and `delimiter` are for format \"csv\""
+        ));
+    }
+    if format != PayloadFormat::Regex && options.pattern.is_some() {
+        return Err(format!("device `{id}`: `pattern` is for format \"regex\""));
+    }
+    // The names the format can yield; None when any name may appear.
+    let names: Option<Vec<String>> = match format {
+        PayloadFormat::Value => {
+            if metrics.len() > 1 {
                 return Err(format!(
                     "device `{id}`: format \"value\" carries one metric, {} are listed",
-                    mqtt.metrics.len()
+                    metrics.len()
+                ));
+            }
+            None
+        }
+        PayloadFormat::Csv => {
+            if options.columns.is_empty() {
+                return Err(format!(
+                    "device `{id}`: format \"csv\" needs `columns`, e.g. columns = [\"ts\", \"temp\", \"hum\"]"
+                ));
+            }
+            Some(options.columns.to_vec())
+        }
+        PayloadFormat::Regex => {
+            let Some(pattern) = options.pattern else {
+                return Err(format!(
+                    "device `{id}`: format \"regex\" needs `pattern` with named captures, e.g. 'T:(?P<temp>[-+0-9.]+)'"
+                ));
+            };
+            let compiled = regex::Regex::new(pattern)
+                .map_err(|err| format!("device `{id}`: pattern does not compile: {err}"))?;
+            let captures: Vec<String> = compiled
+                .capture_names()
+                .flatten()
+                .map(str::to_string)
+                .collect();
+            if captures.is_empty() {
+                return Err(format!(
+                    "device `{id}`: pattern has no named capture such as (?P<temp>...); each one is a field"
+                ));
+            }
+            Some(captures)
+        }
+        PayloadFormat::Json | PayloadFormat::Senml | PayloadFormat::KeyValue => None,
+    };
+    if let Some(names) = names {
+        let wanted = metrics
+            .iter()
+            .map(|m| m.field())
+            .chain(options.timestamp_field);
+        for field in wanted {
+            if !names.iter().any(|n| n == field) {
+                return Err(format!(
+                    "device `{id}`: field `{field}` is not among {} ({})",
+                    if format == PayloadFormat::Csv {
+                        "the columns"
+                    } else {
+                        "the pattern's named captures"
+                    },
+                    names.join(", ")
                 ));
             }
         }

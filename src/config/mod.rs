@@ -5,8 +5,13 @@
 //! change.
 
 mod load;
+mod serial;
 
 pub use load::{ConfigError, load, parse};
+pub use serial::{
+    DataType, FlowControl, ModbusDeviceConfig, Parity, RegisterConfig, RegisterTable,
+    SerialDeviceConfig, SerialPortConfig, WordOrder,
+};
 
 use std::time::Duration;
 
@@ -25,12 +30,17 @@ pub struct Config {
     pub validation: ValidationConfig,
     pub rollups: RollupConfig,
     pub brokers: Vec<BrokerConfig>,
+    pub serial_ports: Vec<SerialPortConfig>,
     pub devices: Vec<DeviceConfig>,
 }
 
 impl Config {
     pub fn broker(&self, id: &str) -> Option<&BrokerConfig> {
         self.brokers.iter().find(|b| b.id == id)
+    }
+
+    pub fn serial_port(&self, id: &str) -> Option<&SerialPortConfig> {
+        self.serial_ports.iter().find(|p| p.id == id)
     }
 }
 
@@ -290,32 +300,74 @@ impl BrokerConfig {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeviceConfig {
     Mqtt(MqttDeviceConfig),
+    Serial(SerialDeviceConfig),
+    Modbus(ModbusDeviceConfig),
+}
+
+/// How a device's payloads or lines are laid out: what a decoder needs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FormatOptions<'a> {
+    pub format: PayloadFormat,
+    pub timestamp_field: Option<&'a str>,
+    pub columns: &'a [String],
+    pub delimiter: Option<char>,
+    pub pattern: Option<&'a str>,
 }
 
 impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
             Self::Mqtt(d) => &d.id,
+            Self::Serial(d) => &d.id,
+            Self::Modbus(d) => &d.id,
         }
     }
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Mqtt(_) => "mqtt",
+            Self::Serial(_) => "serial",
+            Self::Modbus(_) => "modbus",
         }
     }
     pub fn metrics(&self) -> &[MetricConfig] {
         match self {
             Self::Mqtt(d) => &d.metrics,
+            Self::Serial(d) => &d.metrics,
+            Self::Modbus(d) => &d.metrics,
         }
     }
     pub fn line(&self) -> usize {
         match self {
             Self::Mqtt(d) => d.line,
+            Self::Serial(d) => d.line,
+            Self::Modbus(d) => d.line,
         }
     }
     fn set_line(&mut self, line: usize) {
         match self {
             Self::Mqtt(d) => d.line = line,
+            Self::Serial(d) => d.line = line,
+            Self::Modbus(d) => d.line = line,
+        }
+    }
+    /// The payload layout; `None` for Modbus, whose registers are typed by the map.
+    pub fn format_options(&self) -> Option<FormatOptions<'_>> {
+        match self {
+            Self::Mqtt(d) => Some(d.format_options()),
+            Self::Serial(d) => Some(d.format_options()),
+            Self::Modbus(_) => None,
+        }
+    }
+}
+
+impl MqttDeviceConfig {
+    pub fn format_options(&self) -> FormatOptions<'_> {
+        FormatOptions {
+            format: self.format,
+            timestamp_field: self.timestamp_field.as_deref(),
+            columns: &self.columns,
+            delimiter: self.delimiter,
+            pattern: self.pattern.as_deref(),
         }
     }
 }
@@ -332,9 +384,18 @@ pub struct MqttDeviceConfig {
     #[serde(default = "default_qos")]
     pub qos: u8,
     pub format: PayloadFormat,
-    /// The JSON field holding the source's timestamp (epoch s, ms or RFC 3339).
+    /// The field holding the source's timestamp (epoch s, ms or RFC 3339).
     #[serde(default)]
     pub timestamp_field: Option<String>,
+    /// `csv`: the field each column holds, in order; `_` skips a column.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// `csv`: the character between columns.
+    #[serde(default)]
+    pub delimiter: Option<char>,
+    /// `regex`: a pattern whose named captures are the fields.
+    #[serde(default)]
+    pub pattern: Option<String>,
     /// Silence longer than this marks the device stale.
     #[serde(default, with = "duration::option")]
     pub expected_interval: Option<Duration>,
@@ -357,6 +418,12 @@ pub enum PayloadFormat {
     Senml,
     /// A plain number as text; the device's one metric.
     Value,
+    /// `key=value` pairs separated by spaces, `,` or `;`.
+    KeyValue,
+    /// Delimited values; `columns` names the field of each.
+    Csv,
+    /// A regular expression (`pattern`) whose named captures are the fields.
+    Regex,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -383,7 +450,7 @@ impl MetricConfig {
 }
 
 /// Serde helpers for humantime durations (`30s`, `1h 30m`).
-mod duration {
+pub(crate) mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};

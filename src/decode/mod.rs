@@ -2,42 +2,84 @@
 //! clock: the receive time is passed in for formats with relative times.
 
 mod json;
+pub mod registers;
 mod senml;
+mod text;
 mod time;
 
 pub use time::{format_rfc3339, parse_rfc3339};
 
-use crate::config::PayloadFormat;
+use regex::Regex;
+
+use crate::config::{FormatOptions, PayloadFormat};
 use crate::reading::{DecodeError, Decoded, Millis, RawReading};
 
+/// How a payload or line is laid out, with what each layout needs to be read.
+#[derive(Clone, Debug)]
+pub enum Layout {
+    Json,
+    Senml,
+    Value,
+    KeyValue,
+    Csv {
+        delimiter: char,
+        columns: Vec<String>,
+    },
+    Regex(Regex),
+}
+
 /// A device's decoding rules, built once from its config.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Decoder {
-    pub format: PayloadFormat,
-    /// Where the source's timestamp is (JSON only).
+    pub layout: Layout,
+    /// Where the source's timestamp is (JSON, key=value, CSV and regex).
     pub timestamp_field: Option<String>,
-    /// The fields to read; empty reads every numeric field (JSON) or record (SenML).
+    /// The fields to read; empty reads every numeric field (JSON, text) or record (SenML).
     pub fields: Vec<String>,
 }
 
 impl Decoder {
+    /// The decoder for a device's format options and the payload fields of its metrics.
+    ///
+    /// # Errors
+    /// When a `regex` pattern does not compile (loading the config checks this first).
+    pub fn new(options: &FormatOptions<'_>, fields: Vec<String>) -> Result<Self, regex::Error> {
+        let layout = match options.format {
+            PayloadFormat::Json => Layout::Json,
+            PayloadFormat::Senml => Layout::Senml,
+            PayloadFormat::Value => Layout::Value,
+            PayloadFormat::KeyValue => Layout::KeyValue,
+            PayloadFormat::Csv => Layout::Csv {
+                delimiter: options.delimiter.unwrap_or(','),
+                columns: options.columns.to_vec(),
+            },
+            PayloadFormat::Regex => Layout::Regex(Regex::new(options.pattern.unwrap_or_default())?),
+        };
+        Ok(Self {
+            layout,
+            timestamp_field: options.timestamp_field.map(str::to_string),
+            fields,
+        })
+    }
+
     /// Decodes one payload received at `now`.
     ///
     /// # Errors
     /// A [`DecodeError`] naming the offending field, record or byte when the payload does not
     /// fit the format.
     pub fn decode(&self, payload: &[u8], now: Millis) -> Decoded {
-        match self.format {
-            PayloadFormat::Json => json::decode(self, payload),
-            PayloadFormat::Senml => senml::decode(self, payload, now),
-            PayloadFormat::Value => self.decode_value(payload),
+        match &self.layout {
+            Layout::Json => json::decode(self, payload),
+            Layout::Senml => senml::decode(self, payload, now),
+            Layout::Value => self.decode_value(payload),
+            Layout::KeyValue => text::key_value(self, payload),
+            Layout::Csv { delimiter, columns } => text::csv(self, *delimiter, columns, payload),
+            Layout::Regex(pattern) => text::regex(self, pattern, payload),
         }
     }
 
     fn decode_value(&self, payload: &[u8]) -> Decoded {
-        let text = std::str::from_utf8(payload)
-            .map_err(|err| DecodeError(format!("payload is not UTF-8 text: {err}")))?
-            .trim();
+        let text = text::text(payload)?;
         let value: f64 = text
             .parse()
             .map_err(|_| DecodeError(format!("`{}` is not a number", truncate(text))))?;
@@ -98,6 +140,12 @@ mod golden {
         timestamp_field: Option<String>,
         #[serde(default)]
         fields: Vec<String>,
+        #[serde(default)]
+        columns: Vec<String>,
+        #[serde(default)]
+        delimiter: Option<char>,
+        #[serde(default)]
+        pattern: Option<String>,
     }
 
     #[derive(Deserialize, Debug, PartialEq)]
@@ -139,11 +187,15 @@ mod golden {
             let expected: Outcome =
                 serde_json::from_slice(&std::fs::read(case.join("expected.json")).unwrap())
                     .unwrap_or_else(|e| panic!("{name}: expected.json: {e}"));
-            let decoder = Decoder {
+            let options = FormatOptions {
                 format: spec.format,
-                timestamp_field: spec.timestamp_field,
-                fields: spec.fields,
+                timestamp_field: spec.timestamp_field.as_deref(),
+                columns: &spec.columns,
+                delimiter: spec.delimiter,
+                pattern: spec.pattern.as_deref(),
             };
+            let decoder = Decoder::new(&options, spec.fields.clone())
+                .unwrap_or_else(|e| panic!("{name}: pattern: {e}"));
             let got = decoder.decode(&input, NOW);
             match (expected, got) {
                 (Outcome::Readings(want), Ok(got)) => {
@@ -188,18 +240,25 @@ mod golden {
 
     #[test]
     fn arbitrary_bytes_never_panic_any_decoder() {
-        const ALPHABET: &[u8] = b"{}[]\":,0123456789.eE-+ntrufalsbvt\xff";
+        const ALPHABET: &[u8] = b"{}[]\":,;= 0123456789.eE-+ntrufalsbvt\xff";
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let columns = ["ts".to_string(), "a".into(), "b".into()];
         for format in [
             PayloadFormat::Json,
             PayloadFormat::Senml,
             PayloadFormat::Value,
+            PayloadFormat::KeyValue,
+            PayloadFormat::Csv,
+            PayloadFormat::Regex,
         ] {
-            let decoder = Decoder {
+            let options = FormatOptions {
                 format,
-                timestamp_field: Some("ts".into()),
-                fields: vec![],
+                timestamp_field: Some("ts"),
+                columns: &columns,
+                delimiter: None,
+                pattern: Some(r"(?P<a>[-0-9.]+)\s*(?P<ts>\d+)?"),
             };
+            let decoder = Decoder::new(&options, vec![]).unwrap();
             for len in 0..400 {
                 let bytes: Vec<u8> = (0..len % 64)
                     .map(|_| {

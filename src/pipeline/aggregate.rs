@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use crate::reading::{DeviceId, FastSet, Millis, Rollups, SeriesKey, StatusChange, Ticket};
+use crate::reading::{
+    DeviceId, FastSet, FaultCounts, Millis, Rollups, SeriesKey, StatusChange, Ticket,
+};
 use crate::storage::Batch;
 
 use super::validate::Checked;
@@ -46,8 +48,12 @@ impl Batcher {
         self.batch.statuses.push(status);
     }
 
+    pub fn push_faults(&mut self, device: DeviceId, counts: &FaultCounts) {
+        self.batch.faults.entry(device).or_default().add(counts);
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.batch.messages == 0 && self.batch.statuses.is_empty()
+        self.batch.messages == 0 && self.batch.statuses.is_empty() && self.batch.faults.is_empty()
     }
 
     pub fn is_full(&self) -> bool {
@@ -69,6 +75,7 @@ fn empty(widths: &[Millis]) -> Batch {
         rollups: Rollups::new(widths.to_vec()),
         tickets: Vec::new(),
         duplicates: HashMap::new(),
+        faults: HashMap::new(),
         messages: 0,
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::reading::{DeviceId, SourceEvent, StatusChange, Ticket};
+use crate::reading::{DeviceId, FaultCounts, SourceEvent, StatusChange, Ticket};
 use crate::storage::Batch;
 use aggregate::Batcher;
 use validate::{Checked, Validator};
@@ -32,6 +32,10 @@ pub enum Stage {
         ticket: Option<Ticket>,
     },
     Status(StatusChange),
+    Faults {
+        device: DeviceId,
+        counts: FaultCounts,
+    },
 }
 
 /// Validates every event from the sources until they all hang up.
@@ -62,6 +66,7 @@ pub async fn validate(
                     ticket,
                 },
                 SourceEvent::Status(status) => Stage::Status(status),
+                SourceEvent::Faults { device, counts } => Stage::Faults { device, counts },
             };
             if output.send(stage).await.is_err() {
                 tracing::error!("Aggregate stage gone; validation stops");
@@ -95,6 +100,7 @@ pub async fn aggregate(
                     match item {
                         Stage::Message { device, checked, ticket } => batcher.push(&device, checked, ticket),
                         Stage::Status(status) => batcher.push_status(status),
+                        Stage::Faults { device, counts } => batcher.push_faults(device, &counts),
                     }
                 }
             }

@@ -119,6 +119,7 @@ impl Tabular for DeviceRow {
         "rejections",
         "duplicates",
         "dropped",
+        "faults",
         "last_error",
     ];
     fn cells(&self) -> Vec<String> {
@@ -132,8 +133,26 @@ impl Tabular for DeviceRow {
             self.rejections.to_string(),
             self.duplicates.to_string(),
             self.dropped.to_string(),
+            self.faults(),
             self.last_error.clone().unwrap_or_default(),
         ]
+    }
+}
+
+impl DeviceRow {
+    /// The non-zero fault counters in words, e.g. `3 timeouts 1 crc_errors`.
+    fn faults(&self) -> String {
+        [
+            (self.reconnects, "reconnects"),
+            (self.timeouts, "timeouts"),
+            (self.crc_errors, "crc_errors"),
+            (self.exceptions, "exceptions"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, name)| format!("{n} {name}"))
+        .collect::<Vec<_>>()
+        .join(" ")
     }
 }
 

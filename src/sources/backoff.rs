@@ -26,6 +26,11 @@ impl Backoff {
         delay
     }
 
+    /// The cap.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     /// After a success: the next failure waits the minimum again.
     pub fn reset(&mut self) {
         self.next = self.min;

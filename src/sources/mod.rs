@@ -6,7 +6,10 @@
 
 pub mod ack;
 pub mod backoff;
+pub mod framing;
 pub mod mqtt;
+mod serial;
+mod supervise;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +18,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Overflow};
+use crate::config::{Config, FormatOptions, MetricConfig, Overflow};
+use crate::decode::Decoder;
 use crate::reading::{DeviceId, DropCounter, Message, SourceEvent};
 
 /// How a device task hands messages to the pipeline: waits for room (`block`) or drops and
@@ -100,5 +104,48 @@ pub fn spawn_all(
             tracker,
             cancel.clone(),
         );
+    }
+    for device in &config.devices {
+        let crate::config::DeviceConfig::Serial(line) = device else {
+            continue;
+        };
+        let id = DeviceId::new(&line.id);
+        let Some(port) = config.serial_port(&line.port) else {
+            tracing::error!(device = %id, port = %line.port, "Serial port not defined; device not started");
+            continue;
+        };
+        let Some(decoder) = decoder_for(&id, &line.format_options(), &line.metrics) else {
+            continue;
+        };
+        let dropped = drop_counters.get(&id).cloned().unwrap_or_default();
+        let outlet = Outlet::new(events.clone(), config.pipeline.overflow, dropped);
+        let status = supervise::Status::new(id, "serial", outlet);
+        let task = serial::LineDevice::new(port.clone(), line.clone(), decoder, cancel.clone());
+        tracker.spawn(task.run(status));
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A device's decoder; `None` (logged) when its pattern does not compile, which loading the
+/// config rules out, so the device is left out rather than the gateway stopped.
+fn decoder_for(
+    device: &DeviceId,
+    options: &FormatOptions<'_>,
+    metrics: &[MetricConfig],
+) -> Option<Decoder> {
+    let fields = metrics.iter().map(|m| m.field().to_string()).collect();
+    match Decoder::new(options, fields) {
+        Ok(decoder) => Some(decoder),
+        Err(err) => {
+            tracing::error!(device = %device, error = %err, "Device pattern unusable; device not started");
+            None
+        }
     }
 }

@@ -105,6 +105,10 @@ pub(super) fn spawn_broker(
     for device in devices {
         let (inbox_tx, inbox_rx) = mpsc::channel(pipeline.device_queue);
         let id = DeviceId::new(&device.id);
+        let Some(decoder) = super::decoder_for(&id, &device.format_options(), &device.metrics)
+        else {
+            continue;
+        };
         let dropped = drop_counters.get(&id).cloned().unwrap_or_default();
         routes.push(Route {
             filter: Arc::from(device.topic.as_str()),
@@ -114,15 +118,7 @@ pub(super) fn spawn_broker(
         let task = DeviceTask {
             id,
             broker: broker.id.clone(),
-            decoder: Decoder {
-                format: device.format,
-                timestamp_field: device.timestamp_field.clone(),
-                fields: device
-                    .metrics
-                    .iter()
-                    .map(|m| m.field().to_string())
-                    .collect(),
-            },
+            decoder,
             expected_interval: device.expected_interval,
             outlet: Outlet::new(events.clone(), pipeline.overflow, dropped),
         };
@@ -600,7 +596,7 @@ impl DeviceTask {
                         Link::Connecting => (DeviceState::Starting, None),
                     }
                 }
-                () = sleep_until_opt(stale_at), if state == DeviceState::Connected => {
+                () = super::sleep_until(stale_at), if state == DeviceState::Connected => {
                     let interval = self.expected_interval.unwrap_or_default();
                     (DeviceState::Stale, Some(format!("no message for {}", humantime::format_duration(interval))))
                 }
@@ -619,13 +615,6 @@ impl DeviceTask {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

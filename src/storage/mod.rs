@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 };
 
 use crate::config::{StorageConfig, Synchronous};
-use crate::reading::{DeviceId, Reading, Rejection, Rollups, StatusChange, Ticket};
+use crate::reading::{DeviceId, FaultCounts, Reading, Rejection, Rollups, StatusChange, Ticket};
 
 pub use read::ReadStore;
 pub use writer::Writer;
@@ -33,6 +33,8 @@ pub struct Batch {
     pub tickets: Vec<Ticket>,
     /// Readings dropped because the same key appeared earlier in this batch, per device.
     pub duplicates: HashMap<DeviceId, u64>,
+    /// Transport and protocol faults the sources counted, per device.
+    pub faults: HashMap<DeviceId, FaultCounts>,
     pub messages: usize,
 }
 

@@ -20,6 +20,14 @@ pub struct DeviceRow {
     pub rejections: i64,
     pub duplicates: i64,
     pub dropped: i64,
+    /// Connections (port opens) that failed or broke.
+    pub reconnects: i64,
+    /// Requests without an answer in time.
+    pub timeouts: i64,
+    /// Garbled answers: bad CRC or not a valid frame.
+    pub crc_errors: i64,
+    /// Modbus exception responses.
+    pub exceptions: i64,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -83,7 +91,8 @@ impl ReadStore {
     pub async fn devices(&self) -> Result<Vec<DeviceRow>, StorageError> {
         let rows = sqlx::query(
             "SELECT name, kind, state, state_since, last_error, last_seen, readings, rejections, \
-             duplicates, dropped FROM devices ORDER BY name",
+             duplicates, dropped, reconnects, timeouts, crc_errors, exceptions \
+             FROM devices ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -100,6 +109,10 @@ impl ReadStore {
                 rejections: r.get(7),
                 duplicates: r.get(8),
                 dropped: r.get(9),
+                reconnects: r.get(10),
+                timeouts: r.get(11),
+                crc_errors: r.get(12),
+                exceptions: r.get(13),
             })
             .collect())
     }

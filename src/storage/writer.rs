@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 use super::{Batch, StorageError};
 use crate::config::RetentionConfig;
 use crate::reading::{
-    DeviceId, DeviceState, DropCounter, FastMap, Millis, Reading, Rollups, SeriesKey, now_millis,
+    DeviceId, DeviceState, DropCounter, FastMap, FaultCounts, Millis, Reading, Rollups, SeriesKey,
+    now_millis,
 };
 
 /// Rows per multi-row statement, largest first: one statement per row is about 100 times
@@ -297,6 +298,11 @@ impl Writer {
             .await?;
         }
 
+        for (device, counts) in &batch.faults {
+            if let Some(id) = self.devices.get(device) {
+                per_device.entry(*id).or_default().faults.add(counts);
+            }
+        }
         for (id, _, dropped) in drops {
             if *dropped > 0 {
                 per_device.entry(*id).or_default().dropped += dropped;
@@ -499,6 +505,7 @@ struct DeviceDelta {
     rejections: u64,
     duplicates: u64,
     dropped: u64,
+    faults: FaultCounts,
 }
 
 /// Folds the batch's per-device counters into `devices` with one statement.
@@ -513,7 +520,9 @@ async fn update_devices(
              last_seen = CASE WHEN d.column2 > 0 THEN max(coalesce(devices.last_seen, 0), d.column2) \
                          ELSE devices.last_seen END, \
              readings = readings + d.column3, rejections = rejections + d.column4, \
-             duplicates = duplicates + d.column5, dropped = dropped + d.column6 FROM (",
+             duplicates = duplicates + d.column5, dropped = dropped + d.column6, \
+             reconnects = reconnects + d.column7, timeouts = timeouts + d.column8, \
+             crc_errors = crc_errors + d.column9, exceptions = exceptions + d.column10 FROM (",
         );
         query.push_values(chunk, |mut row, (id, delta)| {
             row.push_bind(**id)
@@ -521,7 +530,11 @@ async fn update_devices(
                 .push_bind(delta.readings as i64)
                 .push_bind(delta.rejections as i64)
                 .push_bind(delta.duplicates as i64)
-                .push_bind(delta.dropped as i64);
+                .push_bind(delta.dropped as i64)
+                .push_bind(delta.faults.reconnects as i64)
+                .push_bind(delta.faults.timeouts as i64)
+                .push_bind(delta.faults.crc_errors as i64)
+                .push_bind(delta.faults.exceptions as i64);
         });
         query.push(") AS d WHERE devices.id = d.column1");
         query.build().execute(&mut *tx).await?;
