@@ -10,6 +10,7 @@
 pub mod broker;
 pub mod mosquitto;
 pub mod plan;
+pub mod pty;
 pub mod publish;
 
 pub use broker::EmbeddedBroker;
