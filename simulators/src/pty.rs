@@ -26,15 +26,17 @@
 //!   FIFO when the cable is pulled.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// How long to wait before looking again for a reader on the slave side.
@@ -80,7 +82,8 @@ pub struct Pty {
 
 #[derive(Debug)]
 struct Plugged {
-    master: AsyncFd<OwnedFd>,
+    /// Shared so a stale registration can be swapped for a fresh one from `&self`.
+    master: Mutex<Arc<AsyncFd<OwnedFd>>>,
     device: PathBuf,
 }
 
@@ -123,10 +126,8 @@ impl Pty {
         let Some(plugged) = &self.plugged else {
             return false;
         };
-        let mut fds = [PollFd::new(
-            plugged.master.get_ref().as_fd(),
-            PollFlags::POLLOUT,
-        )];
+        let master = lock(&plugged.master).clone();
+        let mut fds = [PollFd::new(master.get_ref().as_fd(), PollFlags::POLLOUT)];
         match poll(&mut fds, PollTimeout::ZERO) {
             Ok(_) => !fds[0]
                 .revents()
@@ -157,22 +158,8 @@ impl Pty {
     /// # Errors
     /// When the port is unplugged or the master fails otherwise.
     pub async fn read(&self, buf: &mut [u8]) -> Result<usize, PtyError> {
-        loop {
-            let master = self.master()?;
-            let mut guard = master.readable().await.map_err(|e| self.io(e))?;
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
-                Ok(Ok(n)) => return Ok(n),
-                Ok(Err(err)) if err.raw_os_error() == Some(Errno::EIO as i32) => {
-                    // Nobody has the slave open: the hang-up stays readable, so clear it and
-                    // look again later instead of spinning on it.
-                    guard.clear_ready();
-                    drop(guard);
-                    tokio::time::sleep(PEER_RETRY).await;
-                }
-                Ok(Err(err)) => return Err(self.io(err)),
-                Err(_would_block) => {}
-            }
-        }
+        self.io(Interest::READABLE, |fd| nix::unistd::read(fd, buf))
+            .await
     }
 
     /// Writes all of `bytes` to the slave's input. Bytes written while nobody has the slave
@@ -183,17 +170,53 @@ impl Pty {
     /// When the port is unplugged or the master fails.
     pub async fn write_all(&self, mut bytes: &[u8]) -> Result<(), PtyError> {
         while !bytes.is_empty() {
-            let master = self.master()?;
-            let mut guard = master.writable().await.map_err(|e| self.io(e))?;
-            match guard
-                .try_io(|fd| nix::unistd::write(fd.get_ref(), bytes).map_err(io::Error::from))
-            {
-                Ok(Ok(n)) => bytes = &bytes[n..],
-                Ok(Err(err)) => return Err(self.io(err)),
-                Err(_would_block) => {}
-            }
+            let n = self
+                .io(Interest::WRITABLE, |fd| nix::unistd::write(fd, bytes))
+                .await?;
+            bytes = &bytes[n..];
         }
         Ok(())
+    }
+
+    /// One non-blocking operation on the master, retried until it does something.
+    ///
+    /// tokio keeps a hang-up (`POLLHUP`, seen whenever nobody has the slave open) as a
+    /// readiness that is never cleared, so after the first one the master would look ready
+    /// forever and a waiting read would spin. On `EAGAIN` under such a stale readiness the
+    /// master is registered afresh (a dup of its fd) once a reader is back, or looked at
+    /// again after a short sleep while nobody is there. `EIO` from a read also means nobody
+    /// is there.
+    async fn io<R>(
+        &self,
+        interest: Interest,
+        mut op: impl FnMut(&OwnedFd) -> nix::Result<R>,
+    ) -> Result<R, PtyError> {
+        loop {
+            let master = self.master()?;
+            let mut guard = master.ready(interest).await.map_err(|e| self.io_error(e))?;
+            let closed = guard.ready().is_read_closed() || guard.ready().is_write_closed();
+            match op(master.get_ref()) {
+                Ok(done) => return Ok(done),
+                Err(Errno::EAGAIN) => {
+                    guard.clear_ready();
+                    drop(guard);
+                    if closed {
+                        if self.peer_connected() {
+                            self.refresh(&master)?;
+                        } else {
+                            tokio::time::sleep(PEER_RETRY).await;
+                        }
+                    }
+                }
+                Err(Errno::EIO) if interest == Interest::READABLE => {
+                    guard.clear_ready();
+                    drop(guard);
+                    tokio::time::sleep(PEER_RETRY).await;
+                }
+                Err(Errno::EINTR) => {}
+                Err(errno) => return Err(self.io_error(errno.into())),
+            }
+        }
     }
 
     /// Pulls the cable: closes the master, which hangs up the slave (the gateway's reads
@@ -229,23 +252,42 @@ impl Pty {
         let flags = fcntl(&pty.master, FcntlArg::F_GETFL).map_err(|e| configure(e.into()))?;
         let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
         fcntl(&pty.master, FcntlArg::F_SETFL(flags)).map_err(|e| configure(e.into()))?;
-        // SAFETY: an `OwnedFd` is open and keeps its one fd until the `AsyncFd` drops it.
-        let master =
-            unsafe { AsyncFd::register(pty.master) }.map_err(|e| configure(e.into_parts().1))?;
+        let master = register(pty.master).map_err(configure)?;
         link_atomically(&self.link, &device)?;
         tracing::debug!(path = %self.link.display(), device = %device.display(), "Pty plugged");
-        self.plugged = Some(Plugged { master, device });
+        self.plugged = Some(Plugged {
+            master: Mutex::new(Arc::new(master)),
+            device,
+        });
         Ok(())
     }
 
-    fn master(&self) -> Result<&AsyncFd<OwnedFd>, PtyError> {
+    fn master(&self) -> Result<Arc<AsyncFd<OwnedFd>>, PtyError> {
         self.plugged
             .as_ref()
-            .map(|p| &p.master)
+            .map(|p| lock(&p.master).clone())
             .ok_or_else(|| PtyError::Unplugged(self.link.clone()))
     }
 
-    fn io(&self, source: io::Error) -> PtyError {
+    /// Replaces `stale` with a fresh registration of the same master, unless another
+    /// caller already has.
+    fn refresh(&self, stale: &Arc<AsyncFd<OwnedFd>>) -> Result<(), PtyError> {
+        let Some(plugged) = &self.plugged else {
+            return Err(PtyError::Unplugged(self.link.clone()));
+        };
+        let mut current = lock(&plugged.master);
+        if Arc::ptr_eq(&current, stale) {
+            let dup = stale
+                .get_ref()
+                .try_clone()
+                .and_then(register)
+                .map_err(|e| self.io_error(e))?;
+            *current = Arc::new(dup);
+        }
+        Ok(())
+    }
+
+    fn io_error(&self, source: io::Error) -> PtyError {
         PtyError::Io {
             link: self.link.clone(),
             source,
@@ -259,13 +301,15 @@ impl Drop for Pty {
     }
 }
 
-impl AsRawFd for Pty {
-    /// The master's fd, or -1 while unplugged.
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.plugged
-            .as_ref()
-            .map_or(-1, |p| p.master.get_ref().as_raw_fd())
-    }
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is open and keeps its one fd until the `AsyncFd` drops it.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Points `link` at `device` by renaming a fresh symlink over it, so an opener never sees
@@ -388,6 +432,43 @@ mod tests {
                 .is_err(),
             "the simulator does not read its own output back"
         );
+    }
+
+    fn cpu_time() -> Duration {
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).unwrap();
+        Duration::from(t)
+    }
+
+    /// tokio never clears a hang-up readiness; without care a read waiting on a connected
+    /// but silent reader would spin.
+    #[tokio::test]
+    async fn waiting_for_a_silent_reader_does_not_spin() {
+        let dir = tempfile::tempdir().unwrap();
+        let pty = Pty::open(dir.path().join("tty")).unwrap();
+        for _ in 0..2 {
+            let mut port = open_serial(pty.path());
+            let before = cpu_time();
+            let mut buf = [0; 8];
+            let waited = tokio::time::timeout(Duration::from_millis(300), pty.read(&mut buf)).await;
+            assert!(waited.is_err(), "nothing to read");
+            let spent = cpu_time() - before;
+            assert!(spent < Duration::from_millis(100), "spun for {spent:?}");
+            port.write_all(b"y").await.unwrap();
+            let n = tokio::time::timeout(STEP, pty.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&buf[..n], b"y");
+            drop(port);
+            wait_for("the reader has gone", || !pty.peer_connected()).await;
+            let before = cpu_time();
+            let waited = tokio::time::timeout(Duration::from_millis(300), pty.read(&mut buf)).await;
+            assert!(waited.is_err());
+            assert!(
+                cpu_time() - before < Duration::from_millis(100),
+                "no spin without a reader"
+            );
+        }
     }
 
     #[tokio::test]
