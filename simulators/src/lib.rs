@@ -12,6 +12,7 @@ pub mod mosquitto;
 pub mod plan;
 pub mod pty;
 pub mod publish;
+pub mod serial;
 
 pub use broker::EmbeddedBroker;
 pub use mosquitto::Mosquitto;
