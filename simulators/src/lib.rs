@@ -8,6 +8,7 @@
 //! - [`publish`]: an MQTT publisher that paces a plan at a given rate.
 
 pub mod broker;
+pub mod modbus;
 pub mod mosquitto;
 pub mod plan;
 pub mod pty;
