@@ -35,10 +35,11 @@ pub enum LineFormat {
     /// `{"ts":1700000000000,"temp":21.5,"hum":40.2}`
     Json,
     /// `ts=1700000000000 temp=21.5 hum=40.2`
+    #[value(name = "key_value")]
     KeyValue,
     /// `1700000000000,21.5,40.2`: columns ts, temp, hum; no header.
     Csv,
-    /// `T:+21.5C H:40.2% @1700000000000`, parsed by [`REGEX_LINE`].
+    /// `T:+21.5C H:40.2% @1700000000000`, parsed by the regex `REGEX_LINE`.
     Regex,
 }
 
