@@ -5,7 +5,7 @@
 //! - [`mosquitto`]: a private Mosquitto process, for tests and benchmarks.
 //! - [`plan`]: deterministic sensor messages with fault scenarios, and what each should
 //!   become in the gateway's database.
-//! - [`publish`]: an MQTT publisher that paces a plan at a given rate.
+//! - [`publish`](mod@publish): an MQTT publisher that paces a plan at a given rate.
 //! - [`pty`]: a virtual serial port, a pseudo-terminal exposed at a chosen path, that can be
 //!   unplugged and replugged.
 //! - [`serial`]: text-line sensors on a pty (json, key_value, csv, regex lines) with faults,

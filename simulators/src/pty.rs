@@ -24,6 +24,9 @@
 //! - Closing the master (unplug) hangs up the slave: the opener's reads return end of file
 //!   and its writes fail with `EIO`. Bytes it had not read yet are lost, like bytes in a UART
 //!   FIFO when the cable is pulled.
+//! - tokio never clears a hang-up once an `AsyncFd` has seen one, so after the first
+//!   `POLLHUP` the master would look readable forever; the master is registered afresh when
+//!   a reader comes back (see `Pty::io`).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -514,10 +517,8 @@ mod tests {
         let ended = tokio::time::timeout(STEP, port.read(&mut buf))
             .await
             .expect("the read ends");
-        assert!(
-            matches!(ended, Ok(0) | Err(_)),
-            "EOF or error after unplug, got {ended:?}"
-        );
+        // The hang-up reads as end of file; writes fail with EIO.
+        assert!(matches!(ended, Ok(0)), "EOF after unplug, got {ended:?}");
         assert!(port.write_all(b"x").await.is_err(), "writes fail");
         assert!(matches!(
             pty.write_all(b"x").await,

@@ -301,7 +301,8 @@ pub struct LineOptions {
     pub pace: Pace,
     /// Poll mode: stay silent until these bytes arrive (for example `READ\r\n`), then answer
     /// each with the next line. Polls that cannot be answered (the plan is finished or
-    /// paused) are counted and dropped, as a busy device would.
+    /// paused, the port unplugged, the poller gone) are counted and dropped, as a busy
+    /// device would.
     pub poll: Option<Vec<u8>>,
     /// The pause inside a [`LineFault::Split`] line.
     pub split_pause: Duration,
@@ -552,7 +553,8 @@ async fn run(
             continue;
         };
         let may_write = pty.is_plugged() && pause_at.is_none_or(|p| next.seq < p);
-        if !may_write {
+        // A poll from a reader that has gone is not answered to the next one.
+        if !may_write || (pending_polls > 0 && !pty.peer_connected()) {
             report.polls_unanswered += std::mem::take(&mut pending_polls);
         }
         let polled = polls.is_some();
