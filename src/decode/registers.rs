@@ -88,12 +88,24 @@ pub fn decode_block(
         };
         out.push(RawReading {
             field: register.name.clone(),
-            value: raw * register.scale + register.offset,
+            value: scaled(raw, register.scale) + register.offset,
             unit: None,
             source_time: None,
         });
     }
     Ok(out)
+}
+
+/// `raw * scale`, computed as a division when `scale` is the inverse of a whole number, so a
+/// register holding 215 with scale 0.1 is stored as exactly 21.5 (215 × 0.1 is
+/// 21.500000000000004 in floating point).
+fn scaled(raw: f64, scale: f64) -> f64 {
+    let divisor = (1.0 / scale).round();
+    if scale.abs() < 1.0 && divisor != 0.0 && (divisor * scale - 1.0).abs() < 1e-12 {
+        raw / divisor
+    } else {
+        raw * scale
+    }
 }
 
 fn short(block: &ReadBlock, answer: &Answer) -> String {
@@ -204,6 +216,18 @@ mod tests {
     }
 
     #[test]
+    fn decimal_scales_give_the_decimal_value_exactly() {
+        for raw in 0..100_000u32 {
+            let raw = f64::from(raw);
+            assert_eq!(scaled(raw, 0.1), raw / 10.0);
+            assert_eq!(scaled(raw, 0.01), raw / 100.0);
+            assert_eq!(scaled(raw, 0.001), raw / 1000.0);
+        }
+        assert_eq!(scaled(3.0, 2.5), 7.5);
+        assert_eq!(scaled(3.0, -0.5), -1.5);
+    }
+
+    #[test]
     fn words_decode_by_type_and_word_order() {
         let f = 230.5f32.to_bits();
         let (hi, lo) = ((f >> 16) as u16, f as u16);
@@ -236,7 +260,7 @@ mod tests {
         let map = vec![temp];
         let block = &plan_reads(&map)[0];
         let got = decode_block(&map, block, &Answer::Words(vec![215])).unwrap();
-        assert!((got[0].value - 20.5).abs() < 1e-9, "{}", got[0].value);
+        assert_eq!(got[0].value, 20.5);
         assert_eq!(got[0].field, "temp");
         let err = decode_block(&map, block, &Answer::Words(vec![])).unwrap_err();
         assert!(err.contains("got 0"), "{err}");

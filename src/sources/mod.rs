@@ -7,6 +7,7 @@
 pub mod ack;
 pub mod backoff;
 pub mod framing;
+mod modbus;
 pub mod mqtt;
 mod serial;
 mod supervise;
@@ -122,6 +123,41 @@ pub fn spawn_all(
         let status = supervise::Status::new(id, "serial", outlet);
         let task = serial::LineDevice::new(port.clone(), line.clone(), decoder, cancel.clone());
         tracker.spawn(task.run(status));
+    }
+    spawn_modbus(config, &events, drop_counters, tracker, cancel);
+}
+
+/// One bus task per serial port with Modbus devices, and one task per slave on it.
+fn spawn_modbus(
+    config: &Config,
+    events: &mpsc::Sender<SourceEvent>,
+    drop_counters: &HashMap<DeviceId, Arc<DropCounter>>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    for port in &config.serial_ports {
+        let slaves: Vec<_> = config
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                crate::config::DeviceConfig::Modbus(m) if m.port == port.id => Some(m),
+                _ => None,
+            })
+            .collect();
+        if slaves.is_empty() {
+            continue;
+        }
+        // Each slave has at most one request waiting.
+        let (requests, inbox) = mpsc::channel(slaves.len());
+        tracker.spawn(modbus::Bus::new(port.clone()).run(inbox));
+        for slave in slaves {
+            let id = DeviceId::new(&slave.id);
+            let dropped = drop_counters.get(&id).cloned().unwrap_or_default();
+            let outlet = Outlet::new(events.clone(), config.pipeline.overflow, dropped);
+            let status = supervise::Status::new(id, "modbus", outlet);
+            let task = modbus::SlaveDevice::new(slave.clone(), port, requests.clone());
+            tracker.spawn(task.run(status, cancel.clone()));
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports, reason = "not every test binary starts Mosquitto")]
 pub use sensorgate_sim::Mosquitto;
 use sensorgate_sim::{Scenario, plan::Expect};
 use sqlx::Row;
