@@ -1,4 +1,5 @@
-//! `sensorgate demo`: an embedded broker, simulated sensors in every payload format (with
+//! `sensorgate demo`: an embedded broker, simulated MQTT sensors in every payload format, a
+//! serial weather station and a Modbus bus with two meters on pseudo-terminals (all with
 //! faults), and a gateway writing to a local database file, with progress and a summary.
 
 use std::fmt::Write as _;
@@ -6,6 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use sensorgate_sim::modbus::{MeterConfig, ModbusBus, WordOrder};
+use sensorgate_sim::pty::Pty;
+use sensorgate_sim::serial::{LineFormat, LineOptions, LineScenario, LineSensor};
 use sensorgate_sim::{EmbeddedBroker, Format, Pace, Scenario, publish};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +87,8 @@ pub async fn run(db: &Path, duration: Duration) -> anyhow::Result<()> {
     for (s, prefix) in &scenarios {
         text.push_str(&device_config(s, prefix, "demo"));
     }
+    let serial = SerialSensors::start(duration, start_ms)?;
+    text.push_str(&serial.config());
     let config = crate::config::parse(&text, Path::new("<demo>"))?;
     let devices = config.devices.len();
 
@@ -152,10 +158,12 @@ pub async fn run(db: &Path, duration: Duration) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     shutdown.cancel();
     gateway.await??;
+    let (lines, polls) = serial.stop().await?;
 
     let (stored, rejected) = totals(&store).await?;
     println!(
-        "\nSummary: {published} messages published, {stored} readings stored, {rejected} rejected (faults injected on purpose)."
+        "\nSummary: {published} MQTT messages published, {lines} serial lines written, {polls} Modbus \
+         answers served; {stored} readings stored, {rejected} rejected (faults injected on purpose)."
     );
     println!("\nDevices:");
     print!(
@@ -172,7 +180,106 @@ pub async fn run(db: &Path, duration: Duration) -> anyhow::Result<()> {
     println!("  {exe} query --db {db} greenhouse-0 temperature --since 1h --limit 10");
     println!("  {exe} query --db {db} greenhouse-0 --every 1m --since 1h");
     println!("  {exe} query --db {db} weather-1 humidity --since 1h --format csv --limit 5");
+    println!("  {exe} query --db {db} weather-station --since 1h --limit 10");
+    println!("  {exe} query --db {db} meter-2 voltage --since 1h --format json --limit 3");
     Ok(())
+}
+
+/// The serial side of the demo, each on a pseudo-terminal the gateway opens like a real
+/// port: a CSV weather station that injects line faults, and an RS-485 bus with two energy
+/// meters (the second with low-word-first registers).
+struct SerialSensors {
+    dir: tempfile::TempDir,
+    station: LineSensor,
+    meters: ModbusBus,
+}
+
+impl SerialSensors {
+    fn start(duration: Duration, start_ms: crate::reading::Millis) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("sensorgate-demo-")
+            .tempdir()
+            .context("a directory for the demo's serial ports")?;
+        let station_pty = Pty::open(dir.path().join("weather-station"))?;
+        let bus_pty = Pty::open(dir.path().join("rs485"))?;
+        let lines = (duration.as_secs_f64() * 2.0).ceil() as u64;
+        let plan = LineScenario {
+            start_ms,
+            period_ms: 500,
+            fault_every: 8,
+            ..LineScenario::new(LineFormat::Csv, lines)
+        };
+        let station = LineSensor::start(
+            station_pty,
+            plan.lines(),
+            LineOptions {
+                pace: Pace::Steady(2.0),
+                ..LineOptions::default()
+            },
+            CancellationToken::new(),
+        );
+        let meters = ModbusBus::start(
+            bus_pty,
+            &[
+                MeterConfig::new(1),
+                MeterConfig {
+                    word_order: WordOrder::Cdab,
+                    ..MeterConfig::new(2)
+                },
+            ],
+            CancellationToken::new(),
+        )?;
+        Ok(Self {
+            dir,
+            station,
+            meters,
+        })
+    }
+
+    fn config(&self) -> String {
+        let path = |name: &str| self.dir.path().join(name).display().to_string();
+        let mut out = format!(
+            "[[serial_ports]]\nid = \"station\"\npath = \"{}\"\n\n\
+             [[serial_ports]]\nid = \"rs485\"\npath = \"{}\"\nbaud = 19200\nparity = \"even\"\ntimeout = \"200ms\"\n\n\
+             [[devices]]\nkind = \"serial\"\nid = \"weather-station\"\nport = \"station\"\nformat = \"csv\"\n\
+             columns = [\"ts\", \"temp\", \"hum\"]\ntimestamp_field = \"ts\"\nexpected_interval = \"5s\"\n\
+             [[devices.metrics]]\nname = \"temperature\"\nfield = \"temp\"\nunit = \"°C\"\nmin = -40.0\nmax = 60.0\n\
+             [[devices.metrics]]\nname = \"humidity\"\nfield = \"hum\"\nunit = \"%\"\nmin = 0.0\nmax = 100.0\n\n",
+            path("weather-station"),
+            path("rs485")
+        );
+        for (slave, order) in [(1, "big"), (2, "little")] {
+            let _ = write!(
+                out,
+                "[[devices]]\nkind = \"modbus\"\nid = \"meter-{slave}\"\nport = \"rs485\"\nslave = {slave}\npoll_interval = \"1s\"\n"
+            );
+            for (name, address, data_type, scale, unit) in [
+                ("voltage", 0, "f32", 1.0, "V"),
+                ("current", 2, "f32", 1.0, "A"),
+                ("active_power", 4, "f32", 1.0, "W"),
+                ("energy", 6, "u32", 1.0, "Wh"),
+                ("frequency", 8, "u16", 0.01, "Hz"),
+                ("temperature", 9, "i16", 0.1, "°C"),
+            ] {
+                let _ = write!(
+                    out,
+                    "[[devices.registers]]\nname = \"{name}\"\ntable = \"input\"\naddress = {address}\n\
+                     type = \"{data_type}\"\nword_order = \"{order}\"\nscale = {scale}\nunit = \"{unit}\"\n"
+                );
+            }
+            out.push_str(
+                "[[devices.registers]]\nname = \"relay\"\ntable = \"coil\"\naddress = 0\n\n",
+            );
+        }
+        out
+    }
+
+    /// Stops both; the lines written and the Modbus answers served.
+    async fn stop(self) -> anyhow::Result<(u64, u64)> {
+        let lines = self.station.stop().await?.written;
+        let answers = self.meters.stop().await?.answered;
+        Ok((lines, answers))
+    }
 }
 
 async fn totals(store: &ReadStore) -> anyhow::Result<(i64, i64)> {

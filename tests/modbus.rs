@@ -215,6 +215,23 @@ async fn a_dead_slave_delays_the_others_by_at_most_one_timeout() {
     // The interval plus one timeout, and a little for a loaded machine.
     assert!(worst <= (POLL_MS + TIMEOUT_MS + 60) as i64, "{gaps:?}");
 
+    // What `sensorgate devices` prints.
+    let store = sensorgate::storage::ReadStore::new(
+        sensorgate::storage::open_read_only(&db).await.unwrap(),
+    );
+    let table = sensorgate::query::render(
+        &store.devices().await.unwrap(),
+        sensorgate::query::Format::Table,
+    );
+    let line = table.lines().find(|l| l.starts_with("meter-2")).unwrap();
+    assert!(
+        line.contains("modbus")
+            && line.contains("failing")
+            && line.contains("timeouts")
+            && line.ends_with("slave 2: no answer within 100ms"),
+        "{table}"
+    );
+
     let (state, error, timeouts, _, _) = device(&pool, "meter-2").await;
     assert_eq!(state, "failing");
     assert_eq!(error.as_deref(), Some("slave 2: no answer within 100ms"));

@@ -618,6 +618,127 @@ mod tests {
         assert!(err.contains("zigbee"), "{err}");
     }
 
+    const PORT: &str = "[[serial_ports]]\nid = \"p\"\npath = \"/dev/ttyUSB0\"\n";
+
+    fn line_device(extra: &str) -> String {
+        format!("{PORT}[[devices]]\nkind = \"serial\"\nid = \"s\"\nport = \"p\"\n{extra}\n")
+    }
+
+    fn modbus_device(id: &str, slave: u8, extra: &str) -> String {
+        format!(
+            "[[devices]]\nkind = \"modbus\"\nid = \"{id}\"\nport = \"p\"\nslave = {slave}\n{extra}\n\
+             [[devices.registers]]\nname = \"v\"\ntable = \"input\"\naddress = 0\ntype = \"f32\"\n"
+        )
+    }
+
+    #[test]
+    fn serial_line_settings_are_checked() {
+        let err = parse_str(&format!("{PORT}parity = \"mark\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:4:") && err.contains("mark"),
+            "{err}"
+        );
+        let err = parse_str(&format!("{PORT}data_bits = 9\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data_bits must be 5, 6, 7 or 8"), "{err}");
+        let err = parse_str(&format!("{PORT}stop_bits = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stop_bits must be 1 or 2"), "{err}");
+    }
+
+    #[test]
+    fn line_formats_need_their_options() {
+        let err = parse_str(&line_device("format = \"csv\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("format \"csv\" needs `columns`"), "{err}");
+        let err = parse_str(&line_device("format = \"regex\"\npattern = '(unclosed'"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pattern does not compile"), "{err}");
+        let err = parse_str(&line_device("format = \"regex\"\npattern = 'T:([0-9]+)'"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no named capture"), "{err}");
+        let err = parse_str(&line_device(
+            "format = \"csv\"\ncolumns = [\"a\"]\n[[devices.metrics]]\nname = \"t\"\nfield = \"temp\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("field `temp` is not among the columns (a)"),
+            "{err}"
+        );
+        let err = parse_str(&line_device("format = \"json\"\ncolumns = [\"a\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("are for format \"csv\""), "{err}");
+        let err = parse_str(&line_device("format = \"json\"\npoll_command = \"R\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("poll_command and poll_interval go together"),
+            "{err}"
+        );
+        parse_str(&line_device(
+            "format = \"regex\"\npattern = 'T:(?P<temp>[0-9.]+)'\n[[devices.metrics]]\nname = \"t\"\nfield = \"temp\"",
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_port_is_owned_by_one_line_device_or_shared_by_modbus_slaves() {
+        let two_lines = format!(
+            "{}[[devices]]\nkind = \"serial\"\nid = \"s2\"\nport = \"p\"\nformat = \"json\"\n",
+            line_device("format = \"json\"")
+        );
+        let err = parse_str(&two_lines).unwrap_err().to_string();
+        assert!(err.contains("already used by device `s`"), "{err}");
+        let bus = format!(
+            "{PORT}{}{}",
+            modbus_device("m1", 1, ""),
+            modbus_device("m2", 2, "")
+        );
+        let config = parse_str(&bus).unwrap();
+        assert_eq!(config.devices[1].metrics()[0].name, "v");
+        let same_slave = format!(
+            "{PORT}{}{}",
+            modbus_device("m1", 1, ""),
+            modbus_device("m2", 1, "")
+        );
+        let err = parse_str(&same_slave).unwrap_err().to_string();
+        assert!(
+            err.contains("slave 1 on port `p` is already device `m1`"),
+            "{err}"
+        );
+        let err = parse_str(&format!("{PORT}{}", modbus_device("m", 0, "")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("slave must be 1 to 247"), "{err}");
+        let missing = modbus_device("m", 1, "").replace("port = \"p\"", "port = \"q\"");
+        let err = parse_str(&format!("{PORT}{missing}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("serial port `q` is not defined in [[serial_ports]]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn coils_hold_one_bit() {
+        let coil = modbus_device("m", 1, "").replace(
+            "table = \"input\"\naddress = 0\ntype = \"f32\"",
+            "table = \"coil\"\naddress = 0\ntype = \"f32\"",
+        );
+        let err = parse_str(&format!("{PORT}{coil}")).unwrap_err().to_string();
+        assert!(err.contains("holds one bit"), "{err}");
+    }
+
     #[test]
     fn filters_follow_mqtt_rules() {
         assert!(valid_filter("a/+/c"));
