@@ -1,68 +1,83 @@
-//! The gateway assembled: storage, pipeline and sources, and the order they stop in.
+//! The gateway assembled: storage, pipeline, sources and the HTTP API, and the order they
+//! stop in.
 
-use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::pipeline::{self, aggregate::Batcher, validate::Validator};
-use crate::reading::{DeviceId, DropCounter, Millis, SourceEvent};
+use crate::query::http::{HttpError, HttpServer};
+use crate::reading::{DeviceId, Millis, SourceEvent, now_millis};
 use crate::sources;
-use crate::storage::{self, StorageError, writer::DeviceEntry};
+use crate::storage::{self, ReadStore, StorageError, writer::DeviceEntry};
+use crate::telemetry::{HEARTBEAT_INTERVAL, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
     #[error("drain did not finish within {0:?}; unacknowledged messages will be redelivered")]
     DrainTimeout(Duration),
 }
 
-/// A built gateway: the database is open and migrated, the pipeline runs, and sources start
-/// in [`Gateway::run_until_stopped`].
+/// A built gateway: the database is open and migrated, the pipeline runs, the HTTP listener
+/// (if enabled) is bound, and sources start in [`Gateway::run_until_stopped`].
 pub struct Gateway {
     config: Config,
+    telemetry: Arc<Telemetry>,
     events: mpsc::Sender<SourceEvent>,
-    drop_counters: HashMap<DeviceId, Arc<DropCounter>>,
     pipeline: TaskTracker,
+    http: Option<HttpServer>,
 }
 
 impl Gateway {
-    /// Opens the database, registers the configured devices and starts the pipeline.
+    /// Opens the database, registers the configured devices, starts the pipeline and binds
+    /// the HTTP listener.
     ///
     /// # Errors
-    /// When the database cannot be opened, migrated or written.
+    /// When the database cannot be opened, migrated or written, or the HTTP address cannot
+    /// be bound.
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        let telemetry = Arc::new(Telemetry::default());
         let storage_config = &config.storage;
         let pool = storage::open_for_writing(storage_config).await?;
-        let drop_counters: HashMap<DeviceId, Arc<DropCounter>> = config
-            .devices
-            .iter()
-            .map(|d| (DeviceId::new(d.id()), Arc::default()))
-            .collect();
         let entries = config
             .devices
             .iter()
             .map(|d| {
                 let id = DeviceId::new(d.id());
                 DeviceEntry {
-                    dropped: drop_counters[&id].clone(),
+                    counters: telemetry.source(&id),
                     id,
                     kind: d.kind(),
                 }
             })
             .collect();
-        let writer = storage::Writer::new(pool, entries, storage_config.retention.clone()).await?;
+        let (live, _) = broadcast::channel(config.http.stream_buffer);
+        let writer = storage::Writer::new(
+            pool,
+            entries,
+            storage_config.retention.clone(),
+            telemetry.clone(),
+            live.clone(),
+        )
+        .await?;
 
         let capacity = config.pipeline.channel_capacity;
         let (events_tx, events_rx) = mpsc::channel(capacity);
         let (stage_tx, stage_rx) = mpsc::channel(capacity);
         // One batch waits while the writer commits the previous one.
         let (batch_tx, batch_rx) = mpsc::channel(1);
+        watch_depth(&telemetry, "sources_to_validate", &events_tx);
+        watch_depth(&telemetry, "validate_to_aggregate", &stage_tx);
+        watch_depth(&telemetry, "aggregate_to_writer", &batch_tx);
         let widths: Vec<Millis> = config
             .rollups
             .windows
@@ -84,17 +99,35 @@ impl Gateway {
         ));
         pipeline.spawn(writer.run(batch_rx));
         pipeline.close();
+
+        let http = if config.http.enabled {
+            let store = ReadStore::open(&storage_config.path)?;
+            Some(HttpServer::bind(&config.http, store, telemetry.clone(), live).await?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
+            telemetry,
             events: events_tx,
-            drop_counters,
             pipeline,
+            http,
         })
+    }
+
+    /// Where the HTTP API listens, when it is enabled (useful with port 0).
+    pub fn http_address(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(HttpServer::address)
+    }
+
+    /// The gateway's live counters.
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
     }
 
     /// Starts the sources and runs until `shutdown` is cancelled, then drains: sources stop
     /// taking input, the pipeline empties, the writer commits its last batch and the sessions
-    /// acknowledge what it held.
+    /// acknowledge what it held. The HTTP API answers until the drain is over.
     ///
     /// # Errors
     /// [`AppError::DrainTimeout`] when the drain outlasts `pipeline.drain_timeout`.
@@ -103,12 +136,21 @@ impl Gateway {
         sources::spawn_all(
             &self.config,
             self.events.clone(),
-            &self.drop_counters,
+            &self.telemetry,
             &sources,
             &shutdown,
         );
+        sources.spawn(heartbeat(
+            self.events.clone(),
+            self.telemetry.clone(),
+            shutdown.clone(),
+        ));
         sources.close();
         drop(self.events);
+        let http_stop = CancellationToken::new();
+        let http = self
+            .http
+            .map(|server| tokio::spawn(server.serve(http_stop.clone())));
         tracing::info!(
             devices = self.config.devices.len(),
             brokers = self.config.brokers.len(),
@@ -123,6 +165,11 @@ impl Gateway {
             self.pipeline.wait().await;
         })
         .await;
+        http_stop.cancel();
+        if let Some(http) = http {
+            // Open live streams end with the stop; a client that never reads gets cut off.
+            let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+        }
         match drained {
             Ok(()) => {
                 tracing::info!("Stopped; everything received was committed");
@@ -136,6 +183,49 @@ impl Gateway {
                 );
                 Err(AppError::DrainTimeout(deadline))
             }
+        }
+    }
+}
+
+/// Reports a channel's fill level through a weak handle, which does not keep it open.
+fn watch_depth<T: Send + 'static>(
+    telemetry: &Telemetry,
+    name: &'static str,
+    sender: &mpsc::Sender<T>,
+) {
+    let weak = sender.downgrade();
+    telemetry.add_queue(
+        name,
+        Box::new(move || {
+            let sender = weak.upgrade()?;
+            Some((
+                sender.max_capacity() - sender.capacity(),
+                sender.max_capacity(),
+            ))
+        }),
+    );
+}
+
+/// Sends a heartbeat into the pipeline every [`HEARTBEAT_INTERVAL`] until `cancel`; the
+/// writer marks each one done after committing everything before it, which is how
+/// `/readyz` (and the systemd watchdog) know the pipeline moves.
+async fn heartbeat(
+    events: mpsc::Sender<SourceEvent>,
+    telemetry: Arc<Telemetry>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let at = now_millis();
+        telemetry.heartbeat_sent(at);
+        tokio::select! {
+            sent = events.send(SourceEvent::Heartbeat(at)) => if sent.is_err() { return },
+            () = cancel.cancelled() => return,
         }
     }
 }

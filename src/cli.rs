@@ -10,11 +10,10 @@ use clap::{Parser, Subcommand};
 
 use crate::app::Gateway;
 use crate::config::{self, Config, ConfigError};
-use crate::decode::parse_rfc3339;
-use crate::query::{Format, render};
+use crate::query::{Format, params, render};
 use crate::reading::{Millis, now_millis};
 use crate::storage;
-use crate::storage::read::{Range, ReadStore};
+use crate::storage::read::{Range, ReadStore, SeriesQuery};
 
 /// sysexits.h EX_CONFIG: systemd and scripts can tell a bad config from a crash.
 const EXIT_CONFIG: u8 = 78;
@@ -88,6 +87,29 @@ enum Command {
         format: Format,
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+    },
+    /// Write stored readings as CSV or NDJSON, streaming, for a device (or all) and a range.
+    Export {
+        #[command(flatten)]
+        db: DbArg,
+        /// The device id; every device when left out.
+        device: Option<String>,
+        /// One metric; all of the device's metrics when left out.
+        metric: Option<String>,
+        /// How far back from now, e.g. 15m, 1h, 7d. Ignored when --from is given.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Start (RFC 3339 or epoch ms).
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive (RFC 3339 or epoch ms); default now.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::query::export::ExportFormat,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
     /// Embedded broker, simulated sensors and a gateway writing to a local file, then queries.
     Demo {
@@ -166,7 +188,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             println!("{}: migrated", config.storage.path.display());
         }
         Command::Devices { db, format } => {
-            let store = read_store(&db).await?;
+            let store = read_store(&db)?;
             print!("{}", render(&store.devices().await?, format));
         }
         Command::Query {
@@ -180,34 +202,58 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             format,
             limit,
         } => {
-            let now = now_millis();
-            let to = to
-                .as_deref()
-                .map(|t| parse_time("--to", t))
-                .transpose()?
-                .unwrap_or(now + 1);
-            let from = match from {
-                Some(from) => parse_time("--from", &from)?,
-                None => now - parse_duration("--since", &since)?.as_millis() as Millis,
+            let (from, to) = time_range(&since, from.as_deref(), to.as_deref())?;
+            let query = SeriesQuery {
+                device,
+                metric,
+                range: Range { from, to, limit },
+                after: None,
             };
-            let range = Range { from, to, limit };
-            let store = read_store(&db).await?;
+            let store = read_store(&db)?;
             let out = match every {
                 Some(every) => {
-                    let width = parse_duration("--every", &every)?.as_millis() as Millis;
-                    render(
-                        &store
-                            .rollups(&device, metric.as_deref(), width, range)
-                            .await?,
-                        format,
-                    )
+                    let width = params::window(&every).with_context(|| {
+                        format!(
+                            "--every `{every}` is not a window; write whole seconds like 1m or 1h"
+                        )
+                    })?;
+                    render(&store.rollups(query, width).await?, format)
                 }
-                None => render(
-                    &store.readings(&device, metric.as_deref(), range).await?,
-                    format,
-                ),
+                None => render(&store.readings(query).await?, format),
             };
             print!("{out}");
+        }
+        Command::Export {
+            db,
+            device,
+            metric,
+            since,
+            from,
+            to,
+            format,
+            output,
+        } => {
+            let (from, to) = time_range(&since, from.as_deref(), to.as_deref())?;
+            let store = read_store(&db)?;
+            let devices = match device {
+                Some(device) => vec![device],
+                None => store.devices().await?.into_iter().map(|d| d.name).collect(),
+            };
+            let rows = crate::query::export::export(
+                &store,
+                crate::query::export::Export {
+                    devices,
+                    metric,
+                    from,
+                    to,
+                    format,
+                },
+                output.as_deref(),
+            )
+            .await?;
+            if let Some(path) = output {
+                eprintln!("{rows} readings written to {}", path.display());
+            }
         }
         Command::Demo { db, duration } => {
             let duration = parse_duration("--duration", &duration)?;
@@ -217,7 +263,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn read_store(arg: &DbArg) -> anyhow::Result<ReadStore> {
+fn read_store(arg: &DbArg) -> anyhow::Result<ReadStore> {
     let path = match &arg.db {
         Some(path) => path.clone(),
         None => db_path_from(&arg.config)?,
@@ -228,8 +274,7 @@ async fn read_store(arg: &DbArg) -> anyhow::Result<ReadStore> {
             path.display()
         );
     }
-    let pool = storage::open_read_only(&path).await?;
-    Ok(ReadStore::new(pool))
+    Ok(ReadStore::open(&path)?)
 }
 
 fn db_path_from(config_path: &Path) -> Result<PathBuf, ConfigError> {
@@ -237,17 +282,31 @@ fn db_path_from(config_path: &Path) -> Result<PathBuf, ConfigError> {
     Ok(config.storage.path)
 }
 
+/// `[from, to)` from `--since` or `--from`, and `--to` (default: now).
+fn time_range(
+    since: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> anyhow::Result<(Millis, Millis)> {
+    let now = now_millis();
+    let to = to
+        .map(|t| parse_time("--to", t))
+        .transpose()?
+        .unwrap_or(now + 1);
+    let from = match from {
+        Some(from) => parse_time("--from", from)?,
+        None => now - parse_duration("--since", since)?.as_millis() as Millis,
+    };
+    Ok((from, to))
+}
+
 fn parse_duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(text)
+    params::duration(text)
         .with_context(|| format!("{flag} `{text}` is not a duration; write it like 15m, 1h or 7d"))
 }
 
 fn parse_time(flag: &str, text: &str) -> anyhow::Result<Millis> {
-    parse_rfc3339(text)
-        .or_else(|| text.parse::<Millis>().ok())
-        .with_context(|| {
-            format!(
-                "{flag} `{text}` is not a time; use RFC 3339 (2026-11-25T10:00:00Z) or epoch ms"
-            )
-        })
+    params::time(text).with_context(|| {
+        format!("{flag} `{text}` is not a time; use RFC 3339 (2026-11-25T10:00:00Z) or epoch ms")
+    })
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Gateway;
 use crate::reading::now_millis;
-use crate::storage::{self, ReadStore};
+use crate::storage::ReadStore;
 
 /// TOML `[[devices]]` entries for every device of a simulator scenario, named
 /// `<id_prefix>-<n>`, with the validation limits the simulator's faults break.
@@ -131,7 +131,7 @@ pub async fn run(db: &Path, duration: Duration) -> anyhow::Result<()> {
         db.display()
     );
 
-    let store = ReadStore::new(storage::open_read_only(db).await?);
+    let store = ReadStore::open(db)?;
     let started = Instant::now();
     let mut last = (0, Instant::now());
     let mut ticker = tokio::time::interval(Duration::from_secs(2));

@@ -28,3 +28,4 @@ pub mod reading;
 pub mod service;
 pub mod sources;
 pub mod storage;
+pub mod telemetry;

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use bytes::Bytes;
@@ -330,21 +329,21 @@ pub enum SourceEvent {
         device: DeviceId,
         counts: FaultCounts,
     },
+    /// Sent into the pipeline at this time; when the writer has passed it, everything sent
+    /// before it is committed.
+    Heartbeat(Millis),
 }
 
-/// Counters a source keeps outside the pipeline, for what cannot travel through it (messages
-/// dropped because the pipeline was full). The writer folds them into the devices table.
-#[derive(Debug, Default)]
-pub struct DropCounter(AtomicU64);
-
-impl DropCounter {
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn take(&self) -> u64 {
-        self.0.swap(0, Ordering::Relaxed)
-    }
+/// A reading just committed, for the live stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveReading {
+    pub series: Series,
+    pub time: Millis,
+    pub value: f64,
 }
+
+/// The readings one commit stored, shared by every live-stream client.
+pub type LiveBatch = Arc<[LiveReading]>;
 
 /// The start of the rollup bucket of width `width` that holds `time`.
 ///

@@ -216,9 +216,7 @@ async fn a_dead_slave_delays_the_others_by_at_most_one_timeout() {
     assert!(worst <= (POLL_MS + TIMEOUT_MS + 60) as i64, "{gaps:?}");
 
     // What `sensorgate devices` prints.
-    let store = sensorgate::storage::ReadStore::new(
-        sensorgate::storage::open_read_only(&db).await.unwrap(),
-    );
+    let store = sensorgate::storage::ReadStore::open(&db).unwrap();
     let table = sensorgate::query::render(
         &store.devices().await.unwrap(),
         sensorgate::query::Format::Table,

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    BrokerConfig, Config, DeviceConfig, FormatOptions, PayloadFormat, PipelineConfig, RollupConfig,
-    SerialPortConfig, StorageConfig, ValidationConfig, serial,
+    BrokerConfig, Config, DeviceConfig, FormatOptions, HttpConfig, PayloadFormat, PipelineConfig,
+    RollupConfig, Secret, SerialPortConfig, StorageConfig, ValidationConfig, serial,
 };
 
 /// A config that cannot be used, with where and why.
@@ -41,6 +41,8 @@ struct ConfigFile {
     validation: ValidationConfig,
     #[serde(default)]
     rollups: RollupConfig,
+    #[serde(default)]
+    http: HttpConfig,
     #[serde(default)]
     brokers: Vec<Spanned<BrokerConfig>>,
     #[serde(default)]
@@ -148,11 +150,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         devices.push(device);
     }
 
+    let mut http = file.http;
+    check_http(&mut http).map_err(|message| invalid(offset_of(text, "[http]"), message))?;
     let config = Config {
         storage: file.storage,
         pipeline: file.pipeline,
         validation: file.validation,
         rollups: file.rollups,
+        http,
         brokers,
         serial_ports,
         devices,
@@ -302,6 +307,43 @@ fn check_format(
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// A listen address that parses, a token where one is needed (read from `token_file` into
+/// `token`), and sane limits.
+fn check_http(http: &mut HttpConfig) -> Result<(), String> {
+    let address: std::net::SocketAddr = http.listen.parse().map_err(|_| {
+        format!(
+            "http.listen `{}` is not an address:port such as 127.0.0.1:8080",
+            http.listen
+        )
+    })?;
+    if let Some(path) = &http.token_file {
+        if http.token.is_some() {
+            return Err("http: set token or token_file, not both".into());
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("http.token_file {}: {err}", path.display()))?;
+        http.token = Some(Secret::new(
+            text.lines().next().unwrap_or_default().trim().to_string(),
+        ));
+    }
+    if let Some(token) = &http.token
+        && token.expose().chars().count() < 16
+    {
+        return Err("http token must be at least 16 characters".into());
+    }
+    if http.enabled && !address.ip().is_loopback() && http.token.is_none() {
+        return Err(format!(
+            "http.listen {address} is reachable from other machines: set http.token or \
+             http.token_file (clients then send `Authorization: Bearer <token>`), or listen on \
+             127.0.0.1"
+        ));
+    }
+    if http.max_rows == 0 || http.stream_buffer == 0 {
+        return Err("http.max_rows and http.stream_buffer must be at least 1".into());
     }
     Ok(())
 }
@@ -737,6 +779,37 @@ mod tests {
         );
         let err = parse_str(&format!("{PORT}{coil}")).unwrap_err().to_string();
         assert!(err.contains("holds one bit"), "{err}");
+    }
+
+    #[test]
+    fn http_beyond_loopback_needs_a_token() {
+        let err = parse_str("[http]\nenabled = true\nlisten = \"0.0.0.0:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:1:"), "{err}");
+        assert!(err.contains("set http.token or http.token_file"), "{err}");
+        let err = parse_str("[http]\nlisten = \"0.0.0.0:8080\"\ntoken = \"short\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 16 characters"), "{err}");
+        let ok = parse_str(
+            "[http]\nenabled = true\nlisten = \"0.0.0.0:8080\"\ntoken = \"0123456789abcdef\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.http.token.unwrap().expose(), "0123456789abcdef");
+        assert!(
+            !format!(
+                "{:?}",
+                parse_str("[http]\ntoken = \"0123456789abcdef\"\n").unwrap()
+            )
+            .contains("0123456789abcdef"),
+            "secrets stay out of Debug output"
+        );
+        parse_str("[http]\nenabled = true\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let err = parse_str("[http]\nlisten = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not an address:port"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub validation: ValidationConfig,
     pub rollups: RollupConfig,
+    pub http: HttpConfig,
     pub brokers: Vec<BrokerConfig>,
     pub serial_ports: Vec<SerialPortConfig>,
     pub devices: Vec<DeviceConfig>,
@@ -208,6 +209,57 @@ impl Default for RollupConfig {
     }
 }
 
+/// The read-only HTTP API, its live stream, metrics and dashboard.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// `address:port`. Any address but a loopback one needs a token.
+    pub listen: String,
+    /// Clients send `Authorization: Bearer <token>`; at least 16 characters.
+    pub token: Option<Secret>,
+    /// A file holding the token (its first line), instead of `token`.
+    pub token_file: Option<std::path::PathBuf>,
+    /// The most rows one request returns; larger ranges are paged with a cursor.
+    pub max_rows: u32,
+    /// Batches of new readings a live-stream client may fall behind before it skips them.
+    pub stream_buffer: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: "127.0.0.1:8080".into(),
+            token: None,
+            token_file: None,
+            max_rows: 100_000,
+            stream_buffer: 64,
+        }
+    }
+}
+
+/// A credential: never printed, logged or shown in `Debug` output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -221,7 +273,7 @@ pub struct BrokerConfig {
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     #[serde(default = "default_keep_alive", with = "duration")]
     pub keep_alive: Duration,
     /// The most messages received but not yet acknowledged. Keep it at or below the broker's

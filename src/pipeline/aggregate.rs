@@ -52,8 +52,15 @@ impl Batcher {
         self.batch.faults.entry(device).or_default().add(counts);
     }
 
+    pub fn push_heartbeat(&mut self, at: Millis) {
+        self.batch.heartbeat = self.batch.heartbeat.max(Some(at));
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.batch.messages == 0 && self.batch.statuses.is_empty() && self.batch.faults.is_empty()
+        self.batch.messages == 0
+            && self.batch.statuses.is_empty()
+            && self.batch.faults.is_empty()
+            && self.batch.heartbeat.is_none()
     }
 
     pub fn is_full(&self) -> bool {
@@ -76,6 +83,7 @@ fn empty(widths: &[Millis]) -> Batch {
         tickets: Vec::new(),
         duplicates: HashMap::new(),
         faults: HashMap::new(),
+        heartbeat: None,
         messages: 0,
     }
 }

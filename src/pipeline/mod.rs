@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::reading::{DeviceId, FaultCounts, SourceEvent, StatusChange, Ticket};
+use crate::reading::{DeviceId, FaultCounts, Millis, SourceEvent, StatusChange, Ticket};
 use crate::storage::Batch;
 use aggregate::Batcher;
 use validate::{Checked, Validator};
@@ -36,6 +36,7 @@ pub enum Stage {
         device: DeviceId,
         counts: FaultCounts,
     },
+    Heartbeat(Millis),
 }
 
 /// Validates every event from the sources until they all hang up.
@@ -67,6 +68,7 @@ pub async fn validate(
                 },
                 SourceEvent::Status(status) => Stage::Status(status),
                 SourceEvent::Faults { device, counts } => Stage::Faults { device, counts },
+                SourceEvent::Heartbeat(at) => Stage::Heartbeat(at),
             };
             if output.send(stage).await.is_err() {
                 tracing::error!("Aggregate stage gone; validation stops");
@@ -101,6 +103,7 @@ pub async fn aggregate(
                         Stage::Message { device, checked, ticket } => batcher.push(&device, checked, ticket),
                         Stage::Status(status) => batcher.push_status(status),
                         Stage::Faults { device, counts } => batcher.push_faults(device, &counts),
+                        Stage::Heartbeat(at) => batcher.push_heartbeat(at),
                     }
                 }
             }

@@ -12,7 +12,6 @@ pub mod mqtt;
 mod serial;
 mod supervise;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -21,7 +20,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, FormatOptions, MetricConfig, Overflow};
 use crate::decode::Decoder;
-use crate::reading::{DeviceId, DropCounter, Message, SourceEvent};
+use crate::reading::{DeviceId, Message, SourceEvent};
+use crate::telemetry::{SourceCounters, Telemetry};
 
 /// How a device task hands messages to the pipeline: waits for room (`block`) or drops and
 /// counts (`drop_newest`). A dropped message is settled at once: it was handled by policy.
@@ -29,24 +29,25 @@ use crate::reading::{DeviceId, DropCounter, Message, SourceEvent};
 pub struct Outlet {
     events: mpsc::Sender<SourceEvent>,
     overflow: Overflow,
-    dropped: Arc<DropCounter>,
+    counters: Arc<SourceCounters>,
 }
 
 impl Outlet {
     pub fn new(
         events: mpsc::Sender<SourceEvent>,
         overflow: Overflow,
-        dropped: Arc<DropCounter>,
+        counters: Arc<SourceCounters>,
     ) -> Self {
         Self {
             events,
             overflow,
-            dropped,
+            counters,
         }
     }
 
     /// Sends one message; false when the pipeline is gone.
     pub async fn send(&self, mut message: Message) -> bool {
+        self.counters.received();
         match self.overflow {
             Overflow::Block => self
                 .events
@@ -57,7 +58,7 @@ impl Outlet {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
                     message = m;
-                    self.dropped.add(1);
+                    self.counters.dropped();
                     if let Some(ticket) = message.ticket.take() {
                         ticket.settle();
                     }
@@ -78,7 +79,7 @@ impl Outlet {
 pub fn spawn_all(
     config: &Config,
     events: mpsc::Sender<SourceEvent>,
-    drop_counters: &HashMap<DeviceId, Arc<DropCounter>>,
+    telemetry: &Arc<Telemetry>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
@@ -101,7 +102,7 @@ pub fn spawn_all(
             devices,
             &config.pipeline,
             events.clone(),
-            drop_counters,
+            telemetry,
             tracker,
             cancel.clone(),
         );
@@ -118,20 +119,23 @@ pub fn spawn_all(
         let Some(decoder) = decoder_for(&id, &line.format_options(), &line.metrics) else {
             continue;
         };
-        let dropped = drop_counters.get(&id).cloned().unwrap_or_default();
-        let outlet = Outlet::new(events.clone(), config.pipeline.overflow, dropped);
+        let outlet = Outlet::new(
+            events.clone(),
+            config.pipeline.overflow,
+            telemetry.source(&id),
+        );
         let status = supervise::Status::new(id, "serial", outlet);
         let task = serial::LineDevice::new(port.clone(), line.clone(), decoder, cancel.clone());
         tracker.spawn(task.run(status));
     }
-    spawn_modbus(config, &events, drop_counters, tracker, cancel);
+    spawn_modbus(config, &events, telemetry, tracker, cancel);
 }
 
 /// One bus task per serial port with Modbus devices, and one task per slave on it.
 fn spawn_modbus(
     config: &Config,
     events: &mpsc::Sender<SourceEvent>,
-    drop_counters: &HashMap<DeviceId, Arc<DropCounter>>,
+    telemetry: &Arc<Telemetry>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
@@ -152,8 +156,11 @@ fn spawn_modbus(
         tracker.spawn(modbus::Bus::new(port.clone()).run(inbox));
         for slave in slaves {
             let id = DeviceId::new(&slave.id);
-            let dropped = drop_counters.get(&id).cloned().unwrap_or_default();
-            let outlet = Outlet::new(events.clone(), config.pipeline.overflow, dropped);
+            let outlet = Outlet::new(
+                events.clone(),
+                config.pipeline.overflow,
+                telemetry.source(&id),
+            );
             let status = supervise::Status::new(id, "modbus", outlet);
             let task = modbus::SlaveDevice::new(slave.clone(), port, requests.clone());
             tracker.spawn(task.run(status, cancel.clone()));

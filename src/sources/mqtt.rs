@@ -29,9 +29,10 @@ use super::backoff::Backoff;
 use crate::config::{BrokerConfig, MqttDeviceConfig, PipelineConfig};
 use crate::decode::Decoder;
 use crate::reading::{
-    Bytes, DeviceId, DeviceState, DropCounter, Message, Millis, RejectReason, Rejection, Settle,
-    SourceEvent, StatusChange, Ticket, now_millis,
+    Bytes, DeviceId, DeviceState, Message, Millis, RejectReason, Rejection, Settle, SourceEvent,
+    StatusChange, Ticket, now_millis,
 };
+use crate::telemetry::{BrokerGauges, Telemetry};
 
 /// The broker connection as device tasks see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,7 +97,7 @@ pub(super) fn spawn_broker(
     devices: Vec<MqttDeviceConfig>,
     pipeline: &PipelineConfig,
     events: mpsc::Sender<SourceEvent>,
-    drop_counters: &HashMap<DeviceId, Arc<DropCounter>>,
+    telemetry: &Arc<Telemetry>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) {
@@ -109,22 +110,22 @@ pub(super) fn spawn_broker(
         else {
             continue;
         };
-        let dropped = drop_counters.get(&id).cloned().unwrap_or_default();
         routes.push(Route {
             filter: Arc::from(device.topic.as_str()),
             qos: qos(device.qos),
             inbox: inbox_tx,
         });
         let task = DeviceTask {
+            outlet: Outlet::new(events.clone(), pipeline.overflow, telemetry.source(&id)),
             id,
             broker: broker.id.clone(),
             decoder,
             expected_interval: device.expected_interval,
-            outlet: Outlet::new(events.clone(), pipeline.overflow, dropped),
         };
         tracker.spawn(task.run(inbox_rx, link_rx.clone()));
     }
     let session = Session {
+        gauges: telemetry.broker(&broker.id),
         broker,
         unsent: VecDeque::new(),
         router: Router::new(routes.iter().map(|r| &*r.filter)),
@@ -146,6 +147,8 @@ fn qos(level: u8) -> QoS {
 
 struct Session {
     broker: BrokerConfig,
+    /// Connection state and unacknowledged messages, for `/metrics`.
+    gauges: Arc<BrokerGauges>,
     /// Acknowledgements due but not yet taken by rumqttc's request channel.
     unsent: VecDeque<Publish>,
     router: Router,
@@ -189,7 +192,7 @@ impl Session {
             .set_manual_acks(true)
             .set_max_packet_size(1 << 20, 1 << 20);
         if let (Some(user), Some(pass)) = (&self.broker.username, &self.broker.password) {
-            options.set_credentials(user, pass);
+            options.set_credentials(user, pass.expose());
         }
         let max_unacked = usize::from(self.broker.max_unacked);
         // Acknowledgements queue here between polls; there are never more than max_unacked.
@@ -212,6 +215,7 @@ impl Session {
             self.acknowledge(&client);
             let window_len = lock(&self.board.window).len();
             let unacked = window_len + self.unsent.len();
+            self.gauges.unacked.store(unacked, Ordering::Relaxed);
             if stopping && unacked == 0 && pending.is_empty() {
                 break;
             }
@@ -292,6 +296,7 @@ impl Session {
                         .collect();
                     if refused.is_empty() {
                         tracing::info!(broker = %self.broker.id, topics = self.routes.len(), "Subscribed");
+                        self.gauges.connected.store(true, Ordering::Relaxed);
                         self.link.send_replace(Link::Up);
                     } else {
                         tracing::error!(broker = %self.broker.id, topics = ?refused, "Broker refused subscriptions; check its ACLs");
@@ -312,6 +317,7 @@ impl Session {
                     if stopping {
                         break;
                     }
+                    self.gauges.connected.store(false, Ordering::Relaxed);
                     let delay = backoff.next_delay();
                     tracing::warn!(broker = %self.broker.id, error = %err, retry_in = ?delay, "Broker connection failed");
                     self.link.send_replace(Link::Down(describe(&err)));
@@ -323,6 +329,7 @@ impl Session {
             }
         }
         self.close_inputs();
+        self.gauges.connected.store(false, Ordering::Relaxed);
         if client.try_disconnect().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while let Ok(event) = eventloop.poll().await {

@@ -1,22 +1,22 @@
 //! SQLite storage: migrations, the one writer, and read queries on a separate read-only pool.
 //!
-//! Every write goes through [`writer::Writer`], one transaction per [`Batch`]. Readers open
-//! the file read-only; WAL lets them run while the writer commits.
+//! Every write goes through [`writer::Writer`], one transaction per [`Batch`], on sqlx.
+//! Readers ([`read::ReadStore`]) open the file read-only; WAL lets them run while the writer
+//! commits.
 
 pub mod read;
 pub mod writer;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
 use crate::config::{StorageConfig, Synchronous};
-use crate::reading::{DeviceId, FaultCounts, Reading, Rejection, Rollups, StatusChange, Ticket};
+use crate::reading::{
+    DeviceId, FaultCounts, Millis, Reading, Rejection, Rollups, StatusChange, Ticket,
+};
 
 pub use read::ReadStore;
 pub use writer::Writer;
@@ -35,7 +35,19 @@ pub struct Batch {
     pub duplicates: HashMap<DeviceId, u64>,
     /// Transport and protocol faults the sources counted, per device.
     pub faults: HashMap<DeviceId, FaultCounts>,
+    /// The newest heartbeat that entered the pipeline before this batch was cut.
+    pub heartbeat: Option<Millis>,
     pub messages: usize,
+}
+
+impl Batch {
+    /// Nothing to write: at most a heartbeat to pass on.
+    pub fn has_no_data(&self) -> bool {
+        self.messages == 0
+            && self.statuses.is_empty()
+            && self.faults.is_empty()
+            && self.tickets.is_empty()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,10 +64,24 @@ pub enum StorageError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error("cannot open database {path} for reading: {source}")]
+    OpenRead {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{0} is not a sensorgate database (it has no devices and readings tables)")]
+    NotSensorgate(String),
     #[error("no device `{0}` in the database; `sensorgate devices` lists them")]
     UnknownDevice(String),
+    #[error("cursor `{0}` does not belong to this query; start again without it")]
+    BadCursor(String),
     #[error("database query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("database read failed: {0}")]
+    Read(#[from] rusqlite::Error),
+    #[error("the query was cancelled while the gateway stopped")]
+    Closed,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -111,25 +137,4 @@ pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, Stor
         .await
         .map_err(|source| StorageError::Migrate { path: name, source })?;
     Ok(pool)
-}
-
-/// Opens an existing database read-only, for queries.
-///
-/// # Errors
-/// When the file does not exist or is not a sensorgate database.
-pub async fn open_read_only(path: &Path) -> Result<SqlitePool, StorageError> {
-    let name = path.display().to_string();
-    let options = SqliteConnectOptions::from_str("sqlite://")
-        .map_err(|source| StorageError::Open {
-            path: name.clone(),
-            source,
-        })?
-        .filename(path)
-        .read_only(true)
-        .busy_timeout(Duration::from_secs(5));
-    SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await
-        .map_err(|source| StorageError::Open { path: name, source })
 }

@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use sqlx::sqlite::SqlitePool;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use super::{Batch, StorageError};
 use crate::config::RetentionConfig;
 use crate::reading::{
-    DeviceId, DeviceState, DropCounter, FastMap, FaultCounts, Millis, Reading, Rollups, SeriesKey,
-    now_millis,
+    DeviceId, DeviceState, FastMap, FaultCounts, LiveBatch, LiveReading, Millis, Reading, Rollups,
+    SeriesKey, now_millis,
 };
+use crate::telemetry::{SourceCounters, Telemetry};
 
 /// Rows per multi-row statement, largest first: one statement per row is about 100 times
 /// slower. A batch is cut into chunks of these sizes only, so the few statement shapes stay
@@ -28,9 +29,13 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub struct DeviceEntry {
     pub id: DeviceId,
     pub kind: &'static str,
-    /// Messages its source dropped under the `drop_newest` policy, folded into each commit.
-    pub dropped: Arc<DropCounter>,
+    /// Its source's counters: messages dropped under the `drop_newest` policy are folded
+    /// into each commit.
+    pub counters: Arc<SourceCounters>,
 }
+
+/// The keys a commit inserted; `None` when it inserted every reading of its batch.
+type NewKeys = Option<HashSet<(i64, Millis)>>;
 
 /// The database ids behind a series key.
 #[derive(Clone, Copy)]
@@ -44,9 +49,13 @@ pub struct Writer {
     devices: FastMap<DeviceId, i64>,
     /// By [`SeriesKey`]; filled as series first appear in a batch.
     series: Vec<Option<SeriesIds>>,
-    drop_counters: Vec<(i64, Arc<DropCounter>)>,
+    drop_counters: Vec<(i64, Arc<SourceCounters>)>,
     retention: RetentionConfig,
     retention_cursor: i64,
+    telemetry: Arc<Telemetry>,
+    /// Readings just committed, for live-stream clients; a slow client skips, the writer
+    /// never waits.
+    live: broadcast::Sender<LiveBatch>,
 }
 
 impl Writer {
@@ -58,6 +67,8 @@ impl Writer {
         pool: SqlitePool,
         entries: Vec<DeviceEntry>,
         retention: RetentionConfig,
+        telemetry: Arc<Telemetry>,
+        live: broadcast::Sender<LiveBatch>,
     ) -> Result<Self, StorageError> {
         let now = now_millis();
         let mut devices = FastMap::default();
@@ -76,7 +87,7 @@ impl Writer {
             .fetch_one(&mut *tx)
             .await?;
             devices.insert(entry.id, id);
-            drop_counters.push((id, entry.dropped));
+            drop_counters.push((id, entry.counters));
         }
         tx.commit().await?;
         Ok(Self {
@@ -86,6 +97,8 @@ impl Writer {
             drop_counters,
             retention,
             retention_cursor: 0,
+            telemetry,
+            live,
         })
     }
 
@@ -114,55 +127,94 @@ impl Writer {
         self.pool.close().await;
     }
 
+    /// Commits `batch`, retrying with backoff until it succeeds, then settles its tickets
+    /// and passes its heartbeat on. A batch with nothing to store costs no transaction.
     async fn commit_with_retry(&mut self, batch: Batch) {
-        let mut delay = RETRY_MIN;
-        let mut failures = 0u32;
-        let started = std::time::Instant::now();
-        loop {
-            match self.write(&batch).await {
-                Ok(()) => {
-                    tracing::debug!(
-                        readings = batch.readings.len(),
-                        rejections = batch.rejections.len(),
-                        messages = batch.messages,
-                        micros = started.elapsed().as_micros() as u64,
-                        "Batch committed"
-                    );
-                    break;
-                }
-                Err(err) => {
-                    failures += 1;
-                    if failures == 1 {
-                        tracing::error!(error = %err, readings = batch.readings.len(), "Commit failed; holding acknowledgements and retrying");
-                    } else {
-                        tracing::debug!(error = %err, failures, "Commit retry failed");
+        if !batch.has_no_data() {
+            let mut delay = RETRY_MIN;
+            let mut failures = 0u32;
+            loop {
+                let started = std::time::Instant::now();
+                match self.write(&batch).await {
+                    Ok(new_keys) => {
+                        let took = started.elapsed();
+                        let stored = self.publish(&batch, new_keys.as_ref());
+                        self.telemetry.writer.record_commit(
+                            took,
+                            stored,
+                            batch.rejections.len() as u64,
+                        );
+                        tracing::debug!(
+                            readings = stored,
+                            rejections = batch.rejections.len(),
+                            messages = batch.messages,
+                            micros = took.as_micros() as u64,
+                            "Batch committed"
+                        );
+                        break;
                     }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_MAX);
+                    Err(err) => {
+                        failures += 1;
+                        if failures == 1 {
+                            tracing::error!(error = %err, readings = batch.readings.len(), "Commit failed; holding acknowledgements and retrying");
+                        } else {
+                            tracing::debug!(error = %err, failures, "Commit retry failed");
+                        }
+                        self.telemetry.writer.record_failure(err.to_string());
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(RETRY_MAX);
+                    }
                 }
             }
-        }
-        if failures > 0 {
-            tracing::warn!(failures, "Commit succeeded after retries");
+            if failures > 0 {
+                tracing::warn!(failures, "Commit succeeded after retries");
+            }
         }
         for ticket in batch.tickets {
             ticket.settle();
         }
+        if let Some(at) = batch.heartbeat {
+            self.telemetry.heartbeat_done(at);
+        }
+    }
+
+    /// Hands the readings a commit stored to live-stream clients, if there are any; returns
+    /// how many were stored.
+    fn publish(&self, batch: &Batch, new_keys: Option<&HashSet<(i64, Millis)>>) -> u64 {
+        let stored =
+            |r: &&Reading| new_keys.is_none_or(|keys| keys.contains(&(self.ids(r).series, r.time)));
+        if self.live.receiver_count() == 0 {
+            return batch.readings.iter().filter(stored).count() as u64;
+        }
+        let live: LiveBatch = batch
+            .readings
+            .iter()
+            .filter(stored)
+            .map(|r| LiveReading {
+                series: r.series.clone(),
+                time: r.time,
+                value: r.value,
+            })
+            .collect();
+        let stored = live.len() as u64;
+        // No receiver left since the check: nobody to tell.
+        let _ = self.live.send(live);
+        stored
     }
 
     /// One transaction for `batch`. On failure the caches and counters are as before, so the
     /// batch can be written again.
-    async fn write(&mut self, batch: &Batch) -> Result<(), StorageError> {
-        let drops: Vec<(i64, Arc<DropCounter>, u64)> = self
+    async fn write(&mut self, batch: &Batch) -> Result<NewKeys, StorageError> {
+        let drops: Vec<(i64, Arc<SourceCounters>, u64)> = self
             .drop_counters
             .iter()
-            .map(|(id, counter)| (*id, counter.clone(), counter.take()))
+            .map(|(id, counter)| (*id, counter.clone(), counter.take_unstored_drops()))
             .collect();
         let mut added = Vec::new();
         let mut exact = false;
         let result = loop {
             match self.try_write(batch, &drops, &mut added, exact).await {
-                Ok(Written::Committed) => break Ok(()),
+                Ok(Written::Committed(new_keys)) => break Ok(new_keys),
                 // Rolled back: write it again, naming the rows actually inserted. An exact
                 // write never answers this, so this loops at most twice.
                 Ok(Written::HadDuplicates) => {
@@ -175,7 +227,7 @@ impl Writer {
         if result.is_err() {
             self.forget(&mut added);
             for (_, counter, n) in drops {
-                counter.add(n);
+                counter.restore_unstored_drops(n);
             }
         }
         result
@@ -196,7 +248,7 @@ impl Writer {
     async fn try_write(
         &mut self,
         batch: &Batch,
-        drops: &[(i64, Arc<DropCounter>, u64)],
+        drops: &[(i64, Arc<SourceCounters>, u64)],
         added: &mut Vec<SeriesKey>,
         exact: bool,
     ) -> Result<Written, StorageError> {
@@ -310,7 +362,7 @@ impl Writer {
         }
         update_devices(&mut tx, &per_device).await?;
         tx.commit().await?;
-        Ok(Written::Committed)
+        Ok(Written::Committed(new_keys))
     }
 
     /// The ids of a reading's series. Every reading of a batch has them: `ensure_series`
@@ -493,7 +545,7 @@ impl Writer {
 }
 
 enum Written {
-    Committed,
+    Committed(NewKeys),
     /// Some readings were stored before; the transaction was rolled back.
     HadDuplicates,
 }

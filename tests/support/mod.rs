@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 #[allow(unused_imports, reason = "not every test binary starts Mosquitto")]
 pub use sensorgate_sim::Mosquitto;
+
+pub mod http;
 use sensorgate_sim::{Scenario, plan::Expect};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};

@@ -1,0 +1,509 @@
+//! The JSON endpoints under `/api/v1/`, and `/readyz`.
+//!
+//! Every parameter is checked by name and value: an unknown, repeated or malformed one gets
+//! a 400 that names it. Every range is bounded by `limit` (at most `http.max_rows`) and paged
+//! with an opaque `cursor`; readings and rollups are streamed as they are read, so a large
+//! page never sits in memory whole.
+
+use std::fmt::Write as _;
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::http::{ApiError, Shared};
+use super::params;
+use crate::decode::format_rfc3339;
+use crate::reading::{Millis, now_millis};
+use crate::storage::read::{
+    self, Cursor, DeviceRow, LastValue, Range, RejectionRow, SeriesQuery, SeriesRow,
+};
+use crate::telemetry::HEARTBEAT_INTERVAL;
+
+/// Rows a query returns when it names no `limit`.
+const DEFAULT_LIMIT: u32 = 1000;
+/// Rejections keep whole payloads, so fewer of them fit one answer.
+const MAX_REJECTIONS: u32 = 1000;
+/// A streamed body goes out in pieces of about this size.
+const CHUNK: usize = 64 * 1024;
+
+/// A request's query parameters, checked against the names an endpoint accepts.
+pub(super) struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub(super) fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+            if !allowed.contains(&name.as_ref()) {
+                return Err(ApiError::bad(
+                    &name,
+                    format!(
+                        "unknown parameter `{name}`; this endpoint takes {}",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+            if pairs.iter().any(|(n, _)| *n == name) {
+                return Err(ApiError::bad(
+                    &name,
+                    format!("parameter `{name}` is given twice"),
+                ));
+            }
+            pairs.push((name.into_owned(), value.into_owned()));
+        }
+        Ok(Self(pairs))
+    }
+
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn time(&self, name: &str) -> Result<Option<Millis>, ApiError> {
+        self.get(name)
+            .map(|text| {
+                params::time(text).ok_or_else(|| {
+                    ApiError::bad(
+                        name,
+                        format!(
+                            "`{name}` = `{text}` is not a time; use RFC 3339 (2026-11-25T10:00:00Z) or epoch milliseconds"
+                        ),
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// `from` (or `since`, else `default_since` ago), `to` (default now) and `limit`.
+    fn range(&self, default_since: Duration, max_rows: u32) -> Result<Range, ApiError> {
+        let now = now_millis();
+        let to = self.time("to")?.unwrap_or(now + 1);
+        let from = match (self.time("from")?, self.get("since")) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad("since", "give `from` or `since`, not both"));
+            }
+            (Some(from), None) => from,
+            (None, Some(since)) => {
+                let span = params::duration(since).ok_or_else(|| {
+                    ApiError::bad(
+                        "since",
+                        format!(
+                            "`since` = `{since}` is not a duration; write it like 15m, 1h or 7d"
+                        ),
+                    )
+                })?;
+                now - span.as_millis() as Millis
+            }
+            (None, None) => now - default_since.as_millis() as Millis,
+        };
+        if from >= to {
+            return Err(ApiError::bad("from", "`from` must be before `to`"));
+        }
+        let limit = match self.get("limit") {
+            None => DEFAULT_LIMIT.min(max_rows),
+            Some(text) => text
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=max_rows).contains(n))
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "limit",
+                        format!("`limit` = `{text}` must be a whole number from 1 to {max_rows}"),
+                    )
+                })?,
+        };
+        Ok(Range { from, to, limit })
+    }
+
+    fn cursor(&self) -> Result<Option<Cursor>, ApiError> {
+        self.get("cursor")
+            .map(|text| text.parse().map_err(ApiError::from))
+            .transpose()
+    }
+
+    fn time_format(&self) -> Result<TimeFormat, ApiError> {
+        match self.get("time_format") {
+            None | Some("ms") => Ok(TimeFormat::Millis),
+            Some("rfc3339") => Ok(TimeFormat::Rfc3339),
+            Some(other) => Err(ApiError::bad(
+                "time_format",
+                format!("`time_format` = `{other}`: use ms or rfc3339"),
+            )),
+        }
+    }
+}
+
+/// How times are written in a response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimeFormat {
+    Millis,
+    Rfc3339,
+}
+
+impl TimeFormat {
+    fn write(self, out: &mut String, time: Millis) {
+        match self {
+            Self::Millis => {
+                let _ = write!(out, "{time}");
+            }
+            Self::Rfc3339 => {
+                let _ = write!(out, "\"{}\"", format_rfc3339(time));
+            }
+        }
+    }
+}
+
+/// `/readyz`: 200 while the database takes writes and heartbeats pass the pipeline, 503
+/// with the reason otherwise.
+pub(super) async fn ready(State(api): Shared) -> Response {
+    let now = now_millis();
+    match api.telemetry.moving(now, HEARTBEAT_INTERVAL * 3) {
+        Ok(()) => axum::Json(serde_json::json!({
+            "ready": true,
+            "last_heartbeat": api.telemetry.last_heartbeat(),
+        }))
+        .into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "ready": false, "reason": reason })),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct DeviceJson {
+    #[serde(flatten)]
+    row: DeviceRow,
+    last_values: Vec<ValueJson>,
+}
+
+#[derive(Serialize)]
+struct ValueJson {
+    metric: String,
+    unit: Option<String>,
+    time: Millis,
+    value: f64,
+}
+
+fn with_values(rows: Vec<DeviceRow>, values: Vec<LastValue>) -> Vec<DeviceJson> {
+    let mut values = values.into_iter().peekable();
+    rows.into_iter()
+        .map(|row| {
+            let mut last_values = Vec::new();
+            // Both are ordered by device name.
+            while let Some(v) = values.next_if(|v| v.device <= row.name) {
+                if v.device == row.name {
+                    last_values.push(ValueJson {
+                        metric: v.metric,
+                        unit: v.unit,
+                        time: v.time,
+                        value: v.value,
+                    });
+                }
+            }
+            DeviceJson { row, last_values }
+        })
+        .collect()
+}
+
+/// `/api/v1/devices`: every device with its state, counters and newest values.
+pub(super) async fn devices(
+    State(api): Shared,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(raw, &[])?;
+    let rows = api.store.devices().await?;
+    let values = api.store.last_values(None).await?;
+    Ok(axum::Json(serde_json::json!({ "devices": with_values(rows, values) })).into_response())
+}
+
+/// `/api/v1/devices/{device}`.
+pub(super) async fn device(
+    State(api): Shared,
+    Path(device): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(raw, &[])?;
+    let row = api.store.device(&device).await?;
+    let values = api.store.last_values(Some(&device)).await?;
+    let mut one = with_values(vec![row], values);
+    Ok(axum::Json(one.pop()).into_response())
+}
+
+/// `/api/v1/devices/{device}/readings`: raw readings, metric by metric, oldest first.
+pub(super) async fn readings(
+    State(api): Shared,
+    Path(device): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(
+        raw,
+        &[
+            "metric",
+            "from",
+            "to",
+            "since",
+            "limit",
+            "cursor",
+            "time_format",
+        ],
+    )?;
+    let query = SeriesQuery {
+        device,
+        metric: params.get("metric").map(str::to_string),
+        range: params.range(Duration::from_secs(3600), api.max_rows)?,
+        after: params.cursor()?,
+    };
+    let times = params.time_format()?;
+    stream_json(&api, query, move |conn, query, out| {
+        let mut prefix = Prefix::default();
+        read::visit_readings(conn, query, |series, point| {
+            out.row(|line| {
+                prefix.write(line, series);
+                times.write(line, point.time);
+                let _ = write!(line, ",\"value\":{},\"received_at\":", point.value);
+                times.write(line, point.received_at);
+                let _ = write!(line, ",\"flags\":{}}}", point.flags);
+            })
+        })
+    })
+    .await
+}
+
+/// `/api/v1/devices/{device}/rollups`: count, min, max, mean, sum, first and last per window.
+pub(super) async fn rollups(
+    State(api): Shared,
+    Path(device): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(
+        raw,
+        &[
+            "metric",
+            "window",
+            "from",
+            "to",
+            "since",
+            "limit",
+            "cursor",
+            "time_format",
+        ],
+    )?;
+    let window = params.get("window").unwrap_or("1m");
+    let width = params::window(window).ok_or_else(|| {
+        ApiError::bad(
+            "window",
+            format!("`window` = `{window}` is not a window; write whole seconds like 1m or 1h"),
+        )
+    })?;
+    let query = SeriesQuery {
+        device,
+        metric: params.get("metric").map(str::to_string),
+        range: params.range(Duration::from_secs(86_400), api.max_rows)?,
+        after: params.cursor()?,
+    };
+    let times = params.time_format()?;
+    stream_json(&api, query, move |conn, query, out| {
+        let mut prefix = Prefix::default();
+        read::visit_rollups(conn, query, width, |series, b| {
+            out.row(|line| {
+                prefix.write(line, series);
+                times.write(line, b.bucket);
+                let _ = write!(
+                    line,
+                    ",\"window_ms\":{width},\"count\":{},\"min\":{},\"max\":{},\"mean\":{},\"sum\":{},\"first\":{},\"last\":{}}}",
+                    b.count, b.min, b.max, b.mean, b.sum, b.first, b.last
+                );
+            })
+        })
+    })
+    .await
+}
+
+/// The start of a row object, `{"metric":..,"unit":..,"time":`, made once per series.
+#[derive(Default)]
+struct Prefix {
+    series: Option<i64>,
+    text: String,
+}
+
+impl Prefix {
+    fn write(&mut self, line: &mut String, series: &SeriesRow) {
+        if self.series != Some(series.id) {
+            self.series = Some(series.id);
+            self.text = format!(
+                "{{\"metric\":{},\"unit\":{},\"time\":",
+                json_string(&series.metric),
+                series.unit.as_deref().map_or("null".into(), json_string)
+            );
+        }
+        line.push_str(&self.text);
+    }
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// Rows written as one JSON object `{"device":..,"rows":[..],"next_cursor":..}`, sent in
+/// chunks as they fill.
+struct JsonRows {
+    buf: String,
+    first: bool,
+    chunks: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    /// The client went away.
+    closed: bool,
+}
+
+impl JsonRows {
+    fn row(&mut self, write: impl FnOnce(&mut String)) -> ControlFlow<()> {
+        if !std::mem::take(&mut self.first) {
+            self.buf.push(',');
+        }
+        write(&mut self.buf);
+        if self.buf.len() >= CHUNK {
+            self.flush()
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn flush(&mut self) -> ControlFlow<()> {
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            String::with_capacity(CHUNK + 256),
+        ));
+        if self.chunks.blocking_send(Ok(chunk)).is_err() {
+            self.closed = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+type Visit = dyn FnOnce(
+        &rusqlite::Connection,
+        &SeriesQuery,
+        &mut JsonRows,
+    ) -> Result<Option<Cursor>, crate::storage::StorageError>
+    + Send;
+
+/// Answers 404 for an unknown device, else streams `visit`'s rows as they are read.
+async fn stream_json(
+    api: &super::http::Api,
+    query: SeriesQuery,
+    visit: impl FnOnce(
+        &rusqlite::Connection,
+        &SeriesQuery,
+        &mut JsonRows,
+    ) -> Result<Option<Cursor>, crate::storage::StorageError>
+    + Send
+    + 'static,
+) -> Result<Response, ApiError> {
+    let device = query.device.clone();
+    let metric = query.metric.clone();
+    api.store
+        .run(move |conn| read::series_of(conn, &device, metric.as_deref()))
+        .await?;
+    let (chunks, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let store = api.store.clone();
+    let visit: Box<Visit> = Box::new(visit);
+    tokio::spawn(async move {
+        let done = chunks.clone();
+        let outcome = store
+            .run(move |conn| {
+                let mut out = JsonRows {
+                    buf: format!("{{\"device\":{},\"rows\":[", json_string(&query.device)),
+                    first: true,
+                    chunks,
+                    closed: false,
+                };
+                let next = visit(conn, &query, &mut out)?;
+                if !out.closed {
+                    out.buf.push_str("],\"next_cursor\":");
+                    out.buf
+                        .push_str(&next.map_or("null".into(), |c| json_string(&c.to_string())));
+                    out.buf.push('}');
+                    let _ = out.flush();
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(err) = outcome {
+            tracing::warn!(error = %err, "Streamed query failed; response cut short");
+            let _ = done.send(Err(std::io::Error::other(err.to_string()))).await;
+        }
+    });
+    let stream = futures_util::stream::unfold(body, |mut body| async move {
+        body.recv().await.map(|chunk| (chunk, body))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct RejectionJson {
+    received_at: Millis,
+    device: Option<String>,
+    source: String,
+    reason: String,
+    detail: String,
+    /// The payload as text when it is UTF-8, else base64.
+    raw: String,
+    raw_encoding: &'static str,
+}
+
+impl From<RejectionRow> for RejectionJson {
+    fn from(r: RejectionRow) -> Self {
+        let (raw, raw_encoding) = match String::from_utf8(r.raw) {
+            Ok(text) => (text, "utf8"),
+            Err(err) => (
+                base64::engine::general_purpose::STANDARD.encode(err.as_bytes()),
+                "base64",
+            ),
+        };
+        Self {
+            received_at: r.received_at,
+            device: r.device,
+            source: r.source,
+            reason: r.reason,
+            detail: r.detail,
+            raw,
+            raw_encoding,
+        }
+    }
+}
+
+/// `/api/v1/rejections`: what was not stored as readings and why, newest first.
+pub(super) async fn rejections(
+    State(api): Shared,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(raw, &["device", "reason", "from", "to", "since", "limit"])?;
+    let range = params.range(
+        Duration::from_secs(86_400),
+        api.max_rows.min(MAX_REJECTIONS),
+    )?;
+    let device = params.get("device");
+    if let Some(device) = device {
+        api.store.device(device).await?;
+    }
+    let rows = api
+        .store
+        .rejections(device, params.get("reason"), range)
+        .await?;
+    let rows: Vec<RejectionJson> = rows.into_iter().map(RejectionJson::from).collect();
+    Ok(axum::Json(serde_json::json!({ "rejections": rows })).into_response())
+}
