@@ -147,6 +147,7 @@ impl Gateway {
         ));
         sources.close();
         drop(self.events);
+        self.telemetry.mark_running();
         let http_stop = CancellationToken::new();
         let http = self
             .http

@@ -9,9 +9,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::app::Gateway;
-use crate::config::{self, Config, ConfigError};
-use crate::query::{Format, params, render};
+use crate::config::{self, Config, ConfigError, LoggingConfig};
+use crate::query::{Format, params, render, rows};
 use crate::reading::{Millis, now_millis};
+use crate::service::{self, notify::Notifier};
 use crate::storage;
 use crate::storage::read::{Range, ReadStore, SeriesQuery};
 
@@ -125,7 +126,10 @@ enum Command {
 /// Parses the command line, runs the command and maps errors to exit codes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // `run` logs as its config says, once the config is loaded.
+    if !matches!(cli.command, Command::Run(_)) {
+        service::logging::init(&LoggingConfig::default());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -149,28 +153,35 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,sqlx=warn,rumqttd=off,rumqttc=warn")
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+/// `sensorgate run`: the gateway under signals and systemd notifications until stopped.
+async fn run(path: &Path) -> anyhow::Result<()> {
+    let config = config::load(path)?;
+    service::logging::init(&config.logging);
+    let signals = service::signals::listen();
+    let gateway = Gateway::build(config).await?;
+    let telemetry = gateway.telemetry();
+    let notifier = Notifier::from_env();
+    let stop = signals.stop.clone();
+    let mut running = tokio::spawn(gateway.run_until_stopped(stop.clone()));
+    tokio::select! {
+        () = telemetry.wait_running() => notifier.ready(),
+        result = &mut running => return Ok(result??),
+    }
+    tokio::spawn(service::notify::supervise(
+        notifier,
+        telemetry,
+        stop.clone(),
+    ));
+    tokio::select! {
+        () = stop.cancelled() => notifier.stopping(),
+        result = &mut running => return Ok(result??),
+    }
+    Ok(running.await??)
 }
 
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run(arg) => {
-            let config = config::load(&arg.config)?;
-            let shutdown = crate::service::cancel_on_signals();
-            Gateway::build(config)
-                .await?
-                .run_until_stopped(shutdown)
-                .await?;
-        }
+        Command::Run(arg) => run(&arg.config).await?,
         Command::CheckConfig(arg) => {
             let config = config::load(&arg.config)?;
             println!(
@@ -210,18 +221,20 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 after: None,
             };
             let store = read_store(&db)?;
-            let out = match every {
-                Some(every) => {
+            match (every, format) {
+                (Some(every), _) => {
                     let width = params::window(&every).with_context(|| {
                         format!(
                             "--every `{every}` is not a window; write whole seconds like 1m or 1h"
                         )
                     })?;
-                    render(&store.rollups(query, width).await?, format)
+                    print!("{}", render(&store.rollups(query, width).await?, format));
                 }
-                None => render(&store.readings(query).await?, format),
-            };
-            print!("{out}");
+                (None, Format::Table) => {
+                    print!("{}", render(&store.readings(query).await?, format))
+                }
+                (None, Format::Csv | Format::Json) => print_readings(&store, query, format).await?,
+            }
         }
         Command::Export {
             db,
@@ -261,6 +274,39 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Readings as CSV (the `export` columns) or a JSON array, streamed to stdout as they are
+/// read.
+async fn print_readings(
+    store: &ReadStore,
+    query: SeriesQuery,
+    format: Format,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let written = store
+        .run(move |conn| {
+            let mut stdout = std::io::stdout().lock();
+            let row_format = if format == Format::Csv {
+                if let Err(err) = stdout.write_all(rows::CSV_HEADER.as_bytes()) {
+                    return Ok(Err(err));
+                }
+                rows::RowFormat::Csv
+            } else {
+                rows::RowFormat::JsonArray
+            };
+            let mut out =
+                rows::RowWriter::new(stdout, row_format, rows::TimeFormat::Millis, &query.device);
+            storage::read::visit_readings(conn, &query, |series, point| out.row(series, point))?;
+            Ok(out.finish().and_then(|mut stdout| {
+                if format == Format::Json {
+                    stdout.write_all(b"\n")?;
+                }
+                stdout.flush()
+            }))
+        })
+        .await?;
+    written.context("writing to standard output")
 }
 
 fn read_store(arg: &DbArg) -> anyhow::Result<ReadStore> {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::reading::{DeviceId, Millis, now_millis};
+use crate::reading::{DeviceId, DeviceState, Millis, now_millis};
 
 /// How often a heartbeat enters the pipeline; readiness and the watchdog look at when the
 /// last one came out of the writer.
@@ -109,6 +109,10 @@ pub type QueueDepth = Box<dyn Fn() -> Option<(usize, usize)> + Send + Sync>;
 pub struct Telemetry {
     pub started_at: Millis,
     sources: Mutex<BTreeMap<DeviceId, Arc<SourceCounters>>>,
+    /// Each device's state as last committed.
+    states: Mutex<BTreeMap<DeviceId, DeviceState>>,
+    /// Set once the sources run.
+    running: tokio::sync::watch::Sender<bool>,
     brokers: Mutex<BTreeMap<String, Arc<BrokerGauges>>>,
     queues: Mutex<Vec<(&'static str, QueueDepth)>>,
     pub writer: WriterStats,
@@ -126,6 +130,8 @@ impl Default for Telemetry {
         Self {
             started_at: now_millis(),
             sources: Mutex::default(),
+            states: Mutex::default(),
+            running: tokio::sync::watch::Sender::new(false),
             brokers: Mutex::default(),
             queues: Mutex::default(),
             writer: WriterStats::default(),
@@ -151,6 +157,37 @@ impl Telemetry {
             .iter()
             .map(|(d, c)| (d.clone(), c.clone()))
             .collect()
+    }
+
+    /// Records a device's state once it is committed.
+    pub fn set_device_state(&self, device: &DeviceId, state: DeviceState) {
+        lock(&self.states).insert(device.clone(), state);
+    }
+
+    /// Forgets a device that a reload removed.
+    pub fn remove_device(&self, device: &DeviceId) {
+        lock(&self.states).remove(device);
+        lock(&self.sources).remove(device);
+    }
+
+    pub fn device_states(&self) -> Vec<DeviceState> {
+        lock(&self.states).values().copied().collect()
+    }
+
+    pub fn readings_stored(&self) -> u64 {
+        self.writer.readings_stored.load(Ordering::Relaxed)
+    }
+
+    /// The sources have started.
+    pub fn mark_running(&self) {
+        self.running.send_replace(true);
+    }
+
+    /// Waits until the sources have started.
+    pub async fn wait_running(&self) {
+        let mut running = self.running.subscribe();
+        // The sender lives as long as `self`.
+        let _ = running.wait_for(|r| *r).await;
     }
 
     /// The gauges of a broker session, created on first use.

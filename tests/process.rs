@@ -323,6 +323,63 @@ async fn devices_and_query_read_the_database_while_run_writes_it() {
     );
     gateway.sigterm();
     assert!(gateway.wait_exit(Duration::from_secs(15)).success());
+
+    // Exports hold exactly what the database holds.
+    let pool = read_pool(&db).await;
+    let stored = stored_readings(&pool).await;
+    let ndjson = Command::new(BIN)
+        .args(["export", "--from", "0", "--format", "ndjson", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        ndjson.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ndjson.stderr)
+    );
+    let mut exported = std::collections::BTreeMap::new();
+    for line in String::from_utf8(ndjson.stdout).unwrap().lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = (
+            row["device"].as_str().unwrap().to_string(),
+            row["metric"].as_str().unwrap().to_string(),
+            row["time"].as_i64().unwrap(),
+        );
+        exported.insert(key, row["value"].as_f64().unwrap());
+    }
+    assert_eq!(exported, stored);
+    let csv_path = db.with_extension("csv");
+    let csv = Command::new(BIN)
+        .args(["export", "room-0", "humidity", "--from", "0", "--db"])
+        .arg(&db)
+        .arg("--output")
+        .arg(&csv_path)
+        .output()
+        .unwrap();
+    assert!(
+        csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&csv.stderr)
+    );
+    let text = std::fs::read_to_string(&csv_path).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("device,metric,unit,time,time_ms,value,received_at_ms,flags")
+    );
+    let rows: Vec<(i64, f64)> = lines
+        .map(|line| {
+            let cells: Vec<&str> = line.split(',').collect();
+            assert_eq!(&cells[..3], ["room-0", "humidity", "%"], "{line}");
+            (cells[4].parse().unwrap(), cells[5].parse().unwrap())
+        })
+        .collect();
+    let want: Vec<(i64, f64)> = stored
+        .iter()
+        .filter(|((d, m, _), _)| d == "room-0" && m == "humidity")
+        .map(|((_, _, t), v)| (*t, *v))
+        .collect();
+    assert_eq!(rows, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

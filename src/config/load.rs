@@ -8,8 +8,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    BrokerConfig, Config, DeviceConfig, FormatOptions, HttpConfig, PayloadFormat, PipelineConfig,
-    RollupConfig, Secret, SerialPortConfig, StorageConfig, ValidationConfig, serial,
+    BrokerConfig, Config, DeviceConfig, FormatOptions, HttpConfig, LoggingConfig, PayloadFormat,
+    PipelineConfig, RollupConfig, Secret, SerialPortConfig, StorageConfig, ValidationConfig,
+    serial,
 };
 
 /// A config that cannot be used, with where and why.
@@ -43,6 +44,8 @@ struct ConfigFile {
     rollups: RollupConfig,
     #[serde(default)]
     http: HttpConfig,
+    #[serde(default)]
+    logging: LoggingConfig,
     #[serde(default)]
     brokers: Vec<Spanned<BrokerConfig>>,
     #[serde(default)]
@@ -94,6 +97,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             ));
         };
         check_tls_files(&broker, endpoint.tls).map_err(|message| invalid(offset, message))?;
+        resolve_password(&mut broker).map_err(|message| invalid(offset, message))?;
         if broker.max_unacked == 0 {
             return Err(invalid(
                 offset,
@@ -158,6 +162,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         validation: file.validation,
         rollups: file.rollups,
         http,
+        logging: file.logging,
         brokers,
         serial_ports,
         devices,
@@ -307,6 +312,38 @@ fn check_format(
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Reads the password from `password_file` or `password_env` into `password`; at most one
+/// of the three may be set, and a password needs a username.
+fn resolve_password(broker: &mut BrokerConfig) -> Result<(), String> {
+    let id = &broker.id;
+    let sources = [
+        broker.password.is_some(),
+        broker.password_file.is_some(),
+        broker.password_env.is_some(),
+    ];
+    if sources.iter().filter(|set| **set).count() > 1 {
+        return Err(format!(
+            "broker `{id}`: set one of password, password_file and password_env"
+        ));
+    }
+    if let Some(path) = &broker.password_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("broker `{id}`: password_file {}: {err}", path.display()))?;
+        broker.password = Some(Secret::new(
+            text.lines().next().unwrap_or_default().to_string(),
+        ));
+    }
+    if let Some(var) = &broker.password_env {
+        let value = std::env::var(var)
+            .map_err(|_| format!("broker `{id}`: password_env names `{var}`, which is not set"))?;
+        broker.password = Some(Secret::new(value));
+    }
+    if broker.password.is_some() && broker.username.is_none() {
+        return Err(format!("broker `{id}`: a password needs a username"));
     }
     Ok(())
 }
@@ -779,6 +816,42 @@ mod tests {
         );
         let err = parse_str(&format!("{PORT}{coil}")).unwrap_err().to_string();
         assert!(err.contains("holds one bit"), "{err}");
+    }
+
+    #[test]
+    fn broker_passwords_come_from_one_place_and_stay_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\nignored\n").unwrap();
+        let text = format!(
+            "[[brokers]]\nurl = \"mqtt://x\"\nusername = \"u\"\npassword_file = \"{}\"\n",
+            file.display()
+        );
+        let config = parse_str(&text).unwrap();
+        assert_eq!(
+            config.brokers[0].password.as_ref().unwrap().expose(),
+            "from-file"
+        );
+        assert!(!format!("{config:?}").contains("from-file"));
+        let both = format!("{text}password = \"x\"\n");
+        let err = parse_str(&both).unwrap_err().to_string();
+        assert!(
+            err.contains("set one of password, password_file and password_env"),
+            "{err}"
+        );
+        let unset = "[[brokers]]\nurl = \"mqtt://x\"\nusername = \"u\"\npassword_env = \"SENSORGATE_TEST_UNSET_VAR\"\n";
+        let err = parse_str(unset).unwrap_err().to_string();
+        assert!(
+            err.contains("`SENSORGATE_TEST_UNSET_VAR`, which is not set"),
+            "{err}"
+        );
+        let lonely = "[[brokers]]\nurl = \"mqtt://x\"\npassword = \"x\"\n";
+        assert!(
+            parse_str(lonely)
+                .unwrap_err()
+                .to_string()
+                .contains("needs a username")
+        );
     }
 
     #[test]

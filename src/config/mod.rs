@@ -30,6 +30,7 @@ pub struct Config {
     pub validation: ValidationConfig,
     pub rollups: RollupConfig,
     pub http: HttpConfig,
+    pub logging: LoggingConfig,
     pub brokers: Vec<BrokerConfig>,
     pub serial_ports: Vec<SerialPortConfig>,
     pub devices: Vec<DeviceConfig>,
@@ -209,6 +210,35 @@ impl Default for RollupConfig {
     }
 }
 
+/// Where log lines go and how much of them.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,sensorgate::sources=debug`; the
+    /// `RUST_LOG` environment variable overrides it.
+    pub filter: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One line per event; under systemd with journald priorities, on a terminal in colour.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// The read-only HTTP API, its live stream, metrics and dashboard.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -272,8 +302,16 @@ pub struct BrokerConfig {
     pub client_id: String,
     #[serde(default)]
     pub username: Option<String>,
+    /// The password itself; prefer `password_file` or `password_env`.
     #[serde(default)]
     pub password: Option<Secret>,
+    /// A file holding the password (its first line), readable by the gateway's user only.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// An environment variable holding the password (e.g. set by systemd's
+    /// `LoadCredential`/`Environment`).
+    #[serde(default)]
+    pub password_env: Option<String>,
     #[serde(default = "default_keep_alive", with = "duration")]
     pub keep_alive: Duration,
     /// The most messages received but not yet acknowledged. Keep it at or below the broker's

@@ -7,7 +7,7 @@ mod senml;
 mod text;
 mod time;
 
-pub use time::{format_rfc3339, parse_rfc3339};
+pub use time::{format_rfc3339, parse_rfc3339, write_rfc3339};
 
 use regex::Regex;
 

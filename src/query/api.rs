@@ -6,6 +6,7 @@
 //! page never sits in memory whole.
 
 use std::fmt::Write as _;
+use std::io::Write;
 use std::ops::ControlFlow;
 use std::time::Duration;
 
@@ -19,11 +20,10 @@ use tokio::sync::mpsc;
 
 use super::http::{ApiError, Shared};
 use super::params;
-use crate::decode::format_rfc3339;
+use super::rows::{RowFormat, RowWriter, TimeFormat};
 use crate::reading::{Millis, now_millis};
-use crate::storage::read::{
-    self, Cursor, DeviceRow, LastValue, Range, RejectionRow, SeriesQuery, SeriesRow,
-};
+use crate::storage::StorageError;
+use crate::storage::read::{self, Cursor, DeviceRow, LastValue, Range, RejectionRow, SeriesQuery};
 use crate::telemetry::HEARTBEAT_INTERVAL;
 
 /// Rows a query returns when it names no `limit`.
@@ -141,26 +141,6 @@ impl Params {
     }
 }
 
-/// How times are written in a response.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TimeFormat {
-    Millis,
-    Rfc3339,
-}
-
-impl TimeFormat {
-    fn write(self, out: &mut String, time: Millis) {
-        match self {
-            Self::Millis => {
-                let _ = write!(out, "{time}");
-            }
-            Self::Rfc3339 => {
-                let _ = write!(out, "\"{}\"", format_rfc3339(time));
-            }
-        }
-    }
-}
-
 /// `/readyz`: 200 while the database takes writes and heartbeats pass the pipeline, 503
 /// with the reason otherwise.
 pub(super) async fn ready(State(api): Shared) -> Response {
@@ -264,17 +244,10 @@ pub(super) async fn readings(
         after: params.cursor()?,
     };
     let times = params.time_format()?;
-    stream_json(&api, query, move |conn, query, out| {
-        let mut prefix = Prefix::default();
-        read::visit_readings(conn, query, |series, point| {
-            out.row(|line| {
-                prefix.write(line, series);
-                times.write(line, point.time);
-                let _ = write!(line, ",\"value\":{},\"received_at\":", point.value);
-                times.write(line, point.received_at);
-                let _ = write!(line, ",\"flags\":{}}}", point.flags);
-            })
-        })
+    stream_json(&api, query, move |conn, query, sink| {
+        let mut rows = RowWriter::new(sink, RowFormat::JsonArray, times, &query.device);
+        let next = read::visit_readings(conn, query, |series, point| rows.row(series, point))?;
+        Ok((next, rows.finish()))
     })
     .await
 }
@@ -312,102 +285,88 @@ pub(super) async fn rollups(
         after: params.cursor()?,
     };
     let times = params.time_format()?;
-    stream_json(&api, query, move |conn, query, out| {
-        let mut prefix = Prefix::default();
-        read::visit_rollups(conn, query, width, |series, b| {
-            out.row(|line| {
-                prefix.write(line, series);
-                times.write(line, b.bucket);
-                let _ = write!(
-                    line,
-                    ",\"window_ms\":{width},\"count\":{},\"min\":{},\"max\":{},\"mean\":{},\"sum\":{},\"first\":{},\"last\":{}}}",
-                    b.count, b.min, b.max, b.mean, b.sum, b.first, b.last
+    stream_json(&api, query, move |conn, query, mut sink| {
+        let mut buf = String::from("[");
+        let mut prefix = (None, String::new());
+        let mut failed = None;
+        let mut floats = ryu::Buffer::new();
+        let next = read::visit_rollups(conn, query, width, |series, b| {
+            if prefix.0 != Some(series.id) {
+                let start = format!(
+                    "{{\"device\":{},\"metric\":{},\"unit\":{},\"time\":",
+                    json_string(&query.device),
+                    json_string(&series.metric),
+                    series.unit.as_deref().map_or("null".into(), json_string)
                 );
-            })
-        })
+                prefix = (Some(series.id), start);
+            }
+            if buf.len() > 1 {
+                buf.push(',');
+            }
+            buf.push_str(&prefix.1);
+            times.write(&mut buf, b.bucket);
+            let _ = write!(buf, ",\"window_ms\":{width},\"count\":{}", b.count);
+            for (name, value) in [
+                ("min", b.min),
+                ("max", b.max),
+                ("mean", b.mean),
+                ("sum", b.sum),
+                ("first", b.first),
+                ("last", b.last),
+            ] {
+                let _ = write!(buf, ",\"{name}\":{}", floats.format(value));
+            }
+            buf.push('}');
+            if buf.len() >= CHUNK {
+                if let Err(err) = sink.write_all(buf.as_bytes()) {
+                    failed = Some(err);
+                    return ControlFlow::Break(());
+                }
+                buf.clear();
+            }
+            ControlFlow::Continue(())
+        })?;
+        buf.push(']');
+        let sink = match failed {
+            Some(err) => Err(err),
+            None => sink.write_all(buf.as_bytes()).map(|()| sink),
+        };
+        Ok((next, sink))
     })
     .await
-}
-
-/// The start of a row object, `{"metric":..,"unit":..,"time":`, made once per series.
-#[derive(Default)]
-struct Prefix {
-    series: Option<i64>,
-    text: String,
-}
-
-impl Prefix {
-    fn write(&mut self, line: &mut String, series: &SeriesRow) {
-        if self.series != Some(series.id) {
-            self.series = Some(series.id);
-            self.text = format!(
-                "{{\"metric\":{},\"unit\":{},\"time\":",
-                json_string(&series.metric),
-                series.unit.as_deref().map_or("null".into(), json_string)
-            );
-        }
-        line.push_str(&self.text);
-    }
 }
 
 fn json_string(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
 }
 
-/// Rows written as one JSON object `{"device":..,"rows":[..],"next_cursor":..}`, sent in
-/// chunks as they fill.
-struct JsonRows {
-    buf: String,
-    first: bool,
-    chunks: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    /// The client went away.
-    closed: bool,
-}
+/// A response body fed from a blocking query: every write goes out as one chunk; a client
+/// that went away fails the write, which stops the query.
+struct ChunkSink(mpsc::Sender<Result<Bytes, std::io::Error>>);
 
-impl JsonRows {
-    fn row(&mut self, write: impl FnOnce(&mut String)) -> ControlFlow<()> {
-        if !std::mem::take(&mut self.first) {
-            self.buf.push(',');
-        }
-        write(&mut self.buf);
-        if self.buf.len() >= CHUNK {
-            self.flush()
-        } else {
-            ControlFlow::Continue(())
-        }
+impl Write for ChunkSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(buf.len())
     }
 
-    fn flush(&mut self) -> ControlFlow<()> {
-        let chunk = Bytes::from(std::mem::replace(
-            &mut self.buf,
-            String::with_capacity(CHUNK + 256),
-        ));
-        if self.chunks.blocking_send(Ok(chunk)).is_err() {
-            self.closed = true;
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
-type Visit = dyn FnOnce(
-        &rusqlite::Connection,
-        &SeriesQuery,
-        &mut JsonRows,
-    ) -> Result<Option<Cursor>, crate::storage::StorageError>
-    + Send;
+/// What a streamed query hands back: where the next page starts, and the sink (or why
+/// writing to it failed).
+type Streamed = Result<(Option<Cursor>, std::io::Result<ChunkSink>), StorageError>;
 
-/// Answers 404 for an unknown device, else streams `visit`'s rows as they are read.
+/// Answers 404 for an unknown device, else streams `{"device":..,"rows":[..],
+/// "next_cursor":..}` with the rows `write` produces as they are read.
 async fn stream_json(
     api: &super::http::Api,
     query: SeriesQuery,
-    visit: impl FnOnce(
-        &rusqlite::Connection,
-        &SeriesQuery,
-        &mut JsonRows,
-    ) -> Result<Option<Cursor>, crate::storage::StorageError>
-    + Send
-    + 'static,
+    write: impl FnOnce(&rusqlite::Connection, &SeriesQuery, ChunkSink) -> Streamed + Send + 'static,
 ) -> Result<Response, ApiError> {
     let device = query.device.clone();
     let metric = query.metric.clone();
@@ -416,31 +375,29 @@ async fn stream_json(
         .await?;
     let (chunks, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let store = api.store.clone();
-    let visit: Box<Visit> = Box::new(visit);
     tokio::spawn(async move {
-        let done = chunks.clone();
+        let failed = chunks.clone();
         let outcome = store
             .run(move |conn| {
-                let mut out = JsonRows {
-                    buf: format!("{{\"device\":{},\"rows\":[", json_string(&query.device)),
-                    first: true,
-                    chunks,
-                    closed: false,
-                };
-                let next = visit(conn, &query, &mut out)?;
-                if !out.closed {
-                    out.buf.push_str("],\"next_cursor\":");
-                    out.buf
-                        .push_str(&next.map_or("null".into(), |c| json_string(&c.to_string())));
-                    out.buf.push('}');
-                    let _ = out.flush();
+                let mut sink = ChunkSink(chunks);
+                let head = format!("{{\"device\":{},\"rows\":", json_string(&query.device));
+                if sink.write_all(head.as_bytes()).is_err() {
+                    return Ok(());
+                }
+                let (next, sink) = write(conn, &query, sink)?;
+                // A client that went away needs no end.
+                if let Ok(mut sink) = sink {
+                    let next = next.map_or("null".into(), |c| json_string(&c.to_string()));
+                    let _ = sink.write_all(format!(",\"next_cursor\":{next}}}").as_bytes());
                 }
                 Ok(())
             })
             .await;
         if let Err(err) = outcome {
             tracing::warn!(error = %err, "Streamed query failed; response cut short");
-            let _ = done.send(Err(std::io::Error::other(err.to_string()))).await;
+            let _ = failed
+                .send(Err(std::io::Error::other(err.to_string())))
+                .await;
         }
     });
     let stream = futures_util::stream::unfold(body, |mut body| async move {

@@ -3,16 +3,13 @@
 //! checkpointed while the gateway writes). A progress line goes to a terminal.
 
 use std::io::{IsTerminal as _, Write};
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::decode::format_rfc3339;
+use super::rows::{CSV_HEADER, RowFormat, RowWriter, TimeFormat};
 use crate::reading::Millis;
 use crate::storage::StorageError;
-use crate::storage::read::{
-    Cursor, Point, Range, ReadStore, SeriesQuery, SeriesRow, visit_readings,
-};
+use crate::storage::read::{Cursor, Range, ReadStore, SeriesQuery, visit_readings};
 
 /// Rows per read transaction.
 const PAGE: u32 = 50_000;
@@ -73,8 +70,7 @@ pub async fn export(
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     if export.format == ExportFormat::Csv {
-        sink.write_all(b"device,metric,unit,time,time_ms,value,received_at_ms,flags\n")
-            .map_err(write_error)?;
+        sink.write_all(CSV_HEADER.as_bytes()).map_err(write_error)?;
     }
     let mut progress = Progress::new(output.is_some() || !std::io::stdout().is_terminal());
     let mut total = 0u64;
@@ -117,73 +113,26 @@ fn write_page(
     conn: &rusqlite::Connection,
     query: &SeriesQuery,
     format: ExportFormat,
-    mut sink: Sink,
+    sink: Sink,
 ) -> Result<(u64, Option<Cursor>, Millis, std::io::Result<Sink>), StorageError> {
-    let mut written = 0u64;
+    let mut rows = RowWriter::new(sink, format.into(), TimeFormat::Millis, &query.device);
     let mut last_time = query.range.from;
-    let mut failed = None;
     let next = visit_readings(conn, query, |series, point| {
         last_time = point.time;
-        match write_row(&mut sink, format, &query.device, series, point) {
-            Ok(()) => {
-                written += 1;
-                ControlFlow::Continue(())
-            }
-            Err(err) => {
-                failed = Some(err);
-                ControlFlow::Break(())
-            }
-        }
+        rows.row(series, point)
     })?;
-    let sink = match failed {
-        Some(err) => Err(err),
-        None => Ok(sink),
-    };
+    let written = rows.written;
+    let sink = rows.finish();
     let next = if sink.is_ok() { next } else { None };
     Ok((written, next, last_time, sink))
 }
 
-fn write_row(
-    out: &mut Sink,
-    format: ExportFormat,
-    device: &str,
-    series: &SeriesRow,
-    point: &Point,
-) -> std::io::Result<()> {
-    match format {
-        ExportFormat::Csv => writeln!(
-            out,
-            "{},{},{},{},{},{},{},{}",
-            csv_field(device),
-            csv_field(&series.metric),
-            csv_field(series.unit.as_deref().unwrap_or("")),
-            format_rfc3339(point.time),
-            point.time,
-            point.value,
-            point.received_at,
-            point.flags
-        ),
-        ExportFormat::Ndjson => {
-            let row = serde_json::json!({
-                "device": device,
-                "metric": series.metric,
-                "unit": series.unit,
-                "time": point.time,
-                "value": point.value,
-                "received_at": point.received_at,
-                "flags": point.flags,
-            });
-            serde_json::to_writer(&mut *out, &row)?;
-            out.write_all(b"\n")
+impl From<ExportFormat> for RowFormat {
+    fn from(format: ExportFormat) -> Self {
+        match format {
+            ExportFormat::Csv => Self::Csv,
+            ExportFormat::Ndjson => Self::Ndjson,
         }
-    }
-}
-
-fn csv_field(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\"")).into()
-    } else {
-        text.into()
     }
 }
 

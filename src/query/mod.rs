@@ -3,6 +3,7 @@
 //! and the API ask the same read layer ([`crate::storage::read`]) the same questions.
 //!
 //! - [`table`]: tables, CSV and JSON for `sensorgate devices | query`.
+//! - [`rows`]: readings as CSV, NDJSON or JSON rows, for the CLI, exports and the API.
 //! - [`export`]: `sensorgate export`, CSV or NDJSON, page by page.
 //! - [`http`]: the axum server: routes, bearer token, errors; [`api`] (JSON endpoints),
 //!   [`stream`] (Server-Sent Events), [`metrics`] (Prometheus), [`dashboard`] (the page).
@@ -14,6 +15,7 @@ pub mod export;
 pub mod http;
 pub mod metrics;
 pub mod params;
+pub mod rows;
 mod stream;
 mod table;
 

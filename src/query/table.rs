@@ -79,10 +79,10 @@ impl Tabular for ReadingRow {
     fn cells(&self) -> Vec<String> {
         vec![
             time(Some(self.time)),
-            self.device.clone(),
-            self.metric.clone(),
+            self.device.to_string(),
+            self.metric.to_string(),
             self.value.to_string(),
-            self.unit.clone().unwrap_or_default(),
+            self.unit.as_deref().unwrap_or_default().to_string(),
             self.flags.to_string(),
         ]
     }
@@ -95,15 +95,15 @@ impl Tabular for RollupRow {
     fn cells(&self) -> Vec<String> {
         vec![
             time(Some(self.bucket)),
-            self.device.clone(),
-            self.metric.clone(),
+            self.device.to_string(),
+            self.metric.to_string(),
             self.count.to_string(),
             self.min.to_string(),
             self.max.to_string(),
             format!("{:.4}", self.mean),
             self.first.to_string(),
             self.last.to_string(),
-            self.unit.clone().unwrap_or_default(),
+            self.unit.as_deref().unwrap_or_default().to_string(),
         ]
     }
 }

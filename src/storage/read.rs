@@ -89,12 +89,13 @@ pub struct Bucket {
     pub last: f64,
 }
 
-/// A reading with its device and metric, as the CLI prints it.
+/// A reading with its device and metric, as the CLI prints it. The names are shared by every
+/// row of a series.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ReadingRow {
-    pub device: String,
-    pub metric: String,
-    pub unit: Option<String>,
+    pub device: Arc<str>,
+    pub metric: Arc<str>,
+    pub unit: Option<Arc<str>>,
     pub time: Millis,
     pub received_at: Millis,
     pub value: f64,
@@ -103,9 +104,9 @@ pub struct ReadingRow {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RollupRow {
-    pub device: String,
-    pub metric: String,
-    pub unit: Option<String>,
+    pub device: Arc<str>,
+    pub metric: Arc<str>,
+    pub unit: Option<Arc<str>>,
     pub bucket: Millis,
     pub width_ms: Millis,
     pub count: i64,
@@ -276,11 +277,14 @@ impl ReadStore {
     pub async fn readings(&self, query: SeriesQuery) -> Result<Vec<ReadingRow>, StorageError> {
         self.run(move |conn| {
             let mut rows = Vec::new();
+            let device: Arc<str> = query.device.as_str().into();
+            let mut names = Names::default();
             visit_readings(conn, &query, |series, point| {
+                let (metric, unit) = names.of(series);
                 rows.push(ReadingRow {
-                    device: query.device.clone(),
-                    metric: series.metric.clone(),
-                    unit: series.unit.clone(),
+                    device: device.clone(),
+                    metric,
+                    unit,
                     time: point.time,
                     received_at: point.received_at,
                     value: point.value,
@@ -304,11 +308,14 @@ impl ReadStore {
     ) -> Result<Vec<RollupRow>, StorageError> {
         self.run(move |conn| {
             let mut rows = Vec::new();
+            let device: Arc<str> = query.device.as_str().into();
+            let mut names = Names::default();
             visit_rollups(conn, &query, width_ms, |series, b| {
+                let (metric, unit) = names.of(series);
                 rows.push(RollupRow {
-                    device: query.device.clone(),
-                    metric: series.metric.clone(),
-                    unit: series.unit.clone(),
+                    device: device.clone(),
+                    metric,
+                    unit,
                     bucket: b.bucket,
                     width_ms,
                     count: b.count,
@@ -339,6 +346,29 @@ impl ReadStore {
         let reason = reason.map(str::to_string);
         self.run(move |conn| rejections(conn, device.as_deref(), reason.as_deref(), range))
             .await
+    }
+}
+
+/// A series' metric and unit as shared strings, made once per series.
+#[derive(Default)]
+struct Names {
+    series: Option<i64>,
+    metric: Option<Arc<str>>,
+    unit: Option<Arc<str>>,
+}
+
+impl Names {
+    fn of(&mut self, series: &SeriesRow) -> (Arc<str>, Option<Arc<str>>) {
+        if self.series != Some(series.id) {
+            self.series = Some(series.id);
+            self.metric = Some(series.metric.as_str().into());
+            self.unit = series.unit.as_deref().map(Arc::from);
+        }
+        let metric = self
+            .metric
+            .clone()
+            .unwrap_or_else(|| series.metric.as_str().into());
+        (metric, self.unit.clone())
     }
 }
 

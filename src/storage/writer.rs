@@ -86,6 +86,7 @@ impl Writer {
             .bind(now)
             .fetch_one(&mut *tx)
             .await?;
+            telemetry.set_device_state(&entry.id, DeviceState::Starting);
             devices.insert(entry.id, id);
             drop_counters.push((id, entry.counters));
         }
@@ -169,6 +170,10 @@ impl Writer {
             if failures > 0 {
                 tracing::warn!(failures, "Commit succeeded after retries");
             }
+        }
+        for status in &batch.statuses {
+            self.telemetry
+                .set_device_state(&status.device, status.state);
         }
         for ticket in batch.tickets {
             ticket.settle();
