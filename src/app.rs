@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::pipeline::{self, aggregate::Batcher, validate::Validator};
 use crate::query::http::{HttpError, HttpServer};
 use crate::reading::{DeviceId, Millis, SourceEvent, now_millis};
-use crate::sources;
+use crate::sources::{SourceChanges, SourceContext, Sources};
 use crate::storage::{self, ReadStore, StorageError, writer::DeviceEntry};
 use crate::telemetry::{HEARTBEAT_INTERVAL, Telemetry};
 
@@ -25,6 +25,41 @@ pub enum AppError {
     Http(#[from] HttpError),
     #[error("drain did not finish within {0:?}; unacknowledged messages will be redelivered")]
     DrainTimeout(Duration),
+    #[error("the gateway has stopped; nothing to reload")]
+    Stopped,
+}
+
+/// A changed config and where to report what it changed.
+type ReloadRequest = (Config, oneshot::Sender<ReloadReport>);
+
+/// Asks a running gateway to take a changed config.
+#[derive(Clone)]
+pub struct Reloader(mpsc::Sender<ReloadRequest>);
+
+impl Reloader {
+    /// Applies `config` (already loaded and checked) to the running gateway: added devices
+    /// start, removed ones drain and stop, changed ones restart, and the rest, broker
+    /// sessions included, run on untouched.
+    ///
+    /// # Errors
+    /// [`AppError::Stopped`] when the gateway is no longer running.
+    pub async fn reload(&self, config: Config) -> Result<ReloadReport, AppError> {
+        let (reply, report) = oneshot::channel();
+        self.0
+            .send((config, reply))
+            .await
+            .map_err(|_| AppError::Stopped)?;
+        report.await.map_err(|_| AppError::Stopped)
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub sources: SourceChanges,
+    /// Config sections that changed but only take effect on a restart; their old values stay
+    /// in force.
+    pub needs_restart: Vec<&'static str>,
 }
 
 /// A built gateway: the database is open and migrated, the pipeline runs, the HTTP listener
@@ -33,8 +68,10 @@ pub struct Gateway {
     config: Config,
     telemetry: Arc<Telemetry>,
     events: mpsc::Sender<SourceEvent>,
+    control: mpsc::Sender<pipeline::Reconfigure>,
     pipeline: TaskTracker,
     http: Option<HttpServer>,
+    reloads: (mpsc::Sender<ReloadRequest>, mpsc::Receiver<ReloadRequest>),
 }
 
 impl Gateway {
@@ -72,6 +109,7 @@ impl Gateway {
 
         let capacity = config.pipeline.channel_capacity;
         let (events_tx, events_rx) = mpsc::channel(capacity);
+        let (control_tx, control_rx) = mpsc::channel(1);
         let (stage_tx, stage_rx) = mpsc::channel(capacity);
         // One batch waits while the writer commits the previous one.
         let (batch_tx, batch_rx) = mpsc::channel(1);
@@ -89,6 +127,7 @@ impl Gateway {
         pipeline.spawn(pipeline::validate(
             Validator::new(&config),
             events_rx,
+            control_rx,
             stage_tx,
         ));
         pipeline.spawn(pipeline::aggregate(
@@ -110,8 +149,10 @@ impl Gateway {
             config,
             telemetry,
             events: events_tx,
+            control: control_tx,
             pipeline,
             http,
+            reloads: mpsc::channel(1),
         })
     }
 
@@ -125,6 +166,11 @@ impl Gateway {
         self.telemetry.clone()
     }
 
+    /// A handle that applies changed configs once the gateway runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.reloads.0.clone())
+    }
+
     /// Starts the sources and runs until `shutdown` is cancelled, then drains: sources stop
     /// taking input, the pipeline empties, the writer commits its last batch and the sessions
     /// acknowledge what it held. The HTTP API answers until the drain is over.
@@ -132,38 +178,53 @@ impl Gateway {
     /// # Errors
     /// [`AppError::DrainTimeout`] when the drain outlasts `pipeline.drain_timeout`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), AppError> {
-        let sources = TaskTracker::new();
-        sources::spawn_all(
-            &self.config,
-            self.events.clone(),
-            &self.telemetry,
-            &sources,
-            &shutdown,
-        );
-        sources.spawn(heartbeat(
-            self.events.clone(),
-            self.telemetry.clone(),
-            shutdown.clone(),
-        ));
-        sources.close();
-        drop(self.events);
-        self.telemetry.mark_running();
+        let Self {
+            mut config,
+            telemetry,
+            events,
+            control,
+            pipeline,
+            http,
+            reloads: (reload_tx, mut reload_rx),
+        } = self;
+        drop(reload_tx);
+        let tracker = TaskTracker::new();
+        let ctx = SourceContext {
+            events: events.clone(),
+            pipeline: config.pipeline.clone(),
+            telemetry: telemetry.clone(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let mut sources = Sources::start(&config, ctx);
+        tracker.spawn(heartbeat(events, telemetry.clone(), shutdown.clone()));
+        telemetry.mark_running();
         let http_stop = CancellationToken::new();
-        let http = self
-            .http
-            .map(|server| tokio::spawn(server.serve(http_stop.clone())));
+        let http = http.map(|server| tokio::spawn(server.serve(http_stop.clone())));
         tracing::info!(
-            devices = self.config.devices.len(),
-            brokers = self.config.brokers.len(),
-            database = %self.config.storage.path.display(),
+            devices = config.devices.len(),
+            brokers = config.brokers.len(),
+            database = %config.storage.path.display(),
             "Gateway running"
         );
-        shutdown.cancelled().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some((new, reply)) = reload_rx.recv() => {
+                    let report = reload(&mut config, new, &control, &mut sources).await;
+                    // The asker may have given up; the reload stands either way.
+                    let _ = reply.send(report);
+                }
+            }
+        }
         tracing::info!("Stopping: draining the pipeline");
-        let deadline = self.config.pipeline.drain_timeout;
+        // The sources' senders go with them, so the pipeline closes behind the last one.
+        drop((sources, control));
+        tracker.close();
+        let deadline = config.pipeline.drain_timeout;
         let drained = tokio::time::timeout(deadline, async {
-            sources.wait().await;
-            self.pipeline.wait().await;
+            tracker.wait().await;
+            pipeline.wait().await;
         })
         .await;
         http_stop.cancel();
@@ -178,13 +239,66 @@ impl Gateway {
             }
             Err(_) => {
                 tracing::error!(
-                    sources_running = sources.len(),
-                    pipeline_running = self.pipeline.len(),
+                    sources_running = tracker.len(),
+                    pipeline_running = pipeline.len(),
                     "Drain deadline passed"
                 );
                 Err(AppError::DrainTimeout(deadline))
             }
         }
+    }
+}
+
+/// Applies a reloaded config: the pipeline learns the new devices first, then the sources
+/// change. Sections that cannot change while running keep their old values.
+async fn reload(
+    config: &mut Config,
+    mut new: Config,
+    control: &mpsc::Sender<pipeline::Reconfigure>,
+    sources: &mut Sources,
+) -> ReloadReport {
+    let mut needs_restart = Vec::new();
+    if new.storage != config.storage {
+        needs_restart.push("storage");
+        new.storage = config.storage.clone();
+    }
+    if new.pipeline != config.pipeline {
+        needs_restart.push("pipeline");
+        new.pipeline = config.pipeline.clone();
+    }
+    if new.rollups != config.rollups {
+        needs_restart.push("rollups");
+        new.rollups = config.rollups.clone();
+    }
+    if new.http != config.http {
+        needs_restart.push("http");
+        new.http = config.http.clone();
+    }
+    if new.logging != config.logging {
+        needs_restart.push("logging");
+        new.logging = config.logging.clone();
+    }
+    let (applied, done) = oneshot::channel();
+    let reconfigure = pipeline::Reconfigure {
+        config: Arc::new(new.clone()),
+        applied,
+    };
+    if control.send(reconfigure).await.is_ok() {
+        // Validation answers once it knows the new devices; their sources start after.
+        let _ = done.await;
+    }
+    let changes = sources.apply(config, &new).await;
+    tracing::info!(
+        started = ?changes.started,
+        stopped = ?changes.stopped,
+        reconnected = ?changes.reconnected,
+        needs_restart = ?needs_restart,
+        "Config reloaded"
+    );
+    *config = new;
+    ReloadReport {
+        sources: changes,
+        needs_restart,
     }
 }
 

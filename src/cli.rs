@@ -154,12 +154,15 @@ pub fn main() -> ExitCode {
 }
 
 /// `sensorgate run`: the gateway under signals and systemd notifications until stopped.
+/// SIGHUP reloads the config file: a valid one is applied, an invalid one is logged and the
+/// gateway runs on unchanged.
 async fn run(path: &Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
     service::logging::init(&config.logging);
-    let signals = service::signals::listen();
+    let mut signals = service::signals::listen();
     let gateway = Gateway::build(config).await?;
     let telemetry = gateway.telemetry();
+    let reloader = gateway.reloader();
     let notifier = Notifier::from_env();
     let stop = signals.stop.clone();
     let mut running = tokio::spawn(gateway.run_until_stopped(stop.clone()));
@@ -172,9 +175,29 @@ async fn run(path: &Path) -> anyhow::Result<()> {
         telemetry,
         stop.clone(),
     ));
-    tokio::select! {
-        () = stop.cancelled() => notifier.stopping(),
-        result = &mut running => return Ok(result??),
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => {
+                notifier.stopping();
+                break;
+            }
+            Some(()) = signals.reloads.recv() => {
+                notifier.reloading();
+                match config::load(path) {
+                    Ok(config) => match reloader.reload(config).await {
+                        Ok(report) if !report.needs_restart.is_empty() => tracing::warn!(
+                            sections = ?report.needs_restart,
+                            "Config reloaded; changes to these sections take effect on a restart"
+                        ),
+                        Ok(_) => {}
+                        Err(err) => tracing::error!(error = %err, "Config not reloaded"),
+                    },
+                    Err(err) => tracing::error!(error = %err, "Config not reloaded; the gateway runs on with the previous one"),
+                }
+                notifier.ready();
+            }
+            result = &mut running => return Ok(result??),
+        }
     }
     Ok(running.await??)
 }

@@ -2,7 +2,9 @@
 //! cells their readings imply. Pure; the async loop in `pipeline` decides when to flush.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use crate::config::Config;
 use crate::reading::{
     DeviceId, FastSet, FaultCounts, Millis, Rollups, SeriesKey, StatusChange, Ticket,
 };
@@ -52,6 +54,11 @@ impl Batcher {
         self.batch.faults.entry(device).or_default().add(counts);
     }
 
+    /// A reloaded config, applied by the writer before this batch's rows.
+    pub fn push_reconfigure(&mut self, config: Arc<Config>) {
+        self.batch.reconfigure = Some(config);
+    }
+
     pub fn push_heartbeat(&mut self, at: Millis) {
         self.batch.heartbeat = self.batch.heartbeat.max(Some(at));
     }
@@ -61,6 +68,7 @@ impl Batcher {
             && self.batch.statuses.is_empty()
             && self.batch.faults.is_empty()
             && self.batch.heartbeat.is_none()
+            && self.batch.reconfigure.is_none()
     }
 
     pub fn is_full(&self) -> bool {
@@ -84,14 +92,13 @@ fn empty(widths: &[Millis]) -> Batch {
         duplicates: HashMap::new(),
         faults: HashMap::new(),
         heartbeat: None,
+        reconfigure: None,
         messages: 0,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::reading::{Reading, ReadingFlags, Series, SeriesInfo};
 

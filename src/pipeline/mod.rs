@@ -10,11 +10,13 @@
 pub mod aggregate;
 pub mod validate;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::config::Config;
 use crate::reading::{DeviceId, FaultCounts, Millis, SourceEvent, StatusChange, Ticket};
 use crate::storage::Batch;
 use aggregate::Batcher;
@@ -37,17 +39,51 @@ pub enum Stage {
         counts: FaultCounts,
     },
     Heartbeat(Millis),
+    /// A reloaded config: the writer registers added devices and retires removed ones.
+    Reconfigure(Arc<Config>),
 }
 
-/// Validates every event from the sources until they all hang up.
+/// A reloaded config for the pipeline. Validation applies it between two events and then
+/// answers on `applied`; sources of new devices start only after that, so their first
+/// message meets rules that know them.
+pub struct Reconfigure {
+    pub config: Arc<Config>,
+    pub applied: oneshot::Sender<()>,
+}
+
+/// Validates every event from the sources until they all hang up, taking reloaded configs
+/// from `control` in between.
 pub async fn validate(
     mut validator: Validator,
     mut input: mpsc::Receiver<SourceEvent>,
+    mut control: mpsc::Receiver<Reconfigure>,
     output: mpsc::Sender<Stage>,
 ) {
     // Taking whatever is queued at once costs one wake-up per burst, not per message.
     let mut events = Vec::with_capacity(RECV_BURST);
-    while input.recv_many(&mut events, RECV_BURST).await > 0 {
+    let mut controlled = true;
+    loop {
+        let received = tokio::select! {
+            biased;
+            reconfigure = control.recv(), if controlled => {
+                let Some(Reconfigure { config, applied }) = reconfigure else {
+                    controlled = false;
+                    continue;
+                };
+                validator.reconfigure(&config);
+                if output.send(Stage::Reconfigure(config)).await.is_err() {
+                    tracing::error!("Aggregate stage gone; validation stops");
+                    return;
+                }
+                // The reloader may have given up waiting; nothing to tell then.
+                let _ = applied.send(());
+                continue;
+            }
+            received = input.recv_many(&mut events, RECV_BURST) => received,
+        };
+        if received == 0 {
+            break;
+        }
         for event in events.drain(..) {
             let stage = match event {
                 SourceEvent::Message(mut message) => Stage::Message {
@@ -104,6 +140,7 @@ pub async fn aggregate(
                         Stage::Status(status) => batcher.push_status(status),
                         Stage::Faults { device, counts } => batcher.push_faults(device, &counts),
                         Stage::Heartbeat(at) => batcher.push_heartbeat(at),
+                        Stage::Reconfigure(config) => batcher.push_reconfigure(config),
                     }
                 }
             }

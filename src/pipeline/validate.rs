@@ -47,40 +47,49 @@ pub struct Validator {
     limits: ValidationConfig,
     /// Per series key: the last receive-time stamp handed out.
     last_receive_stamp: Vec<Millis>,
+    /// Every series interned so far, so a reload keeps the keys of unchanged metrics.
+    interned: HashMap<(DeviceId, String, Option<String>), Series>,
 }
 
 impl Validator {
     pub fn new(config: &Config) -> Self {
-        let devices = config
-            .devices
-            .iter()
-            .map(|device| {
-                let metrics = device
-                    .metrics()
-                    .iter()
-                    .map(|m| {
-                        let rule = MetricRule {
-                            name: m.name.clone(),
-                            unit: m.unit.clone(),
-                            min: m.min,
-                            max: m.max,
-                            series: None,
-                        };
-                        (m.field().to_string(), rule)
-                    })
-                    .collect();
-                let rules = DeviceRules {
-                    metrics,
-                    extra: FastMap::default(),
-                };
-                (DeviceId::new(device.id()), rules)
-            })
-            .collect();
-        Self {
-            devices,
+        let mut validator = Self {
+            devices: HashMap::new(),
             limits: config.validation.clone(),
             last_receive_stamp: Vec::new(),
+            interned: HashMap::new(),
+        };
+        validator.reconfigure(config);
+        validator
+    }
+
+    /// Takes a reloaded config's devices and limits. Metrics a device keeps keep their
+    /// series; metrics it sends beyond its config stay accepted.
+    pub fn reconfigure(&mut self, config: &Config) {
+        let mut previous = std::mem::take(&mut self.devices);
+        for device in &config.devices {
+            let id = DeviceId::new(device.id());
+            let metrics = device
+                .metrics()
+                .iter()
+                .map(|m| {
+                    let rule = MetricRule {
+                        name: m.name.clone(),
+                        unit: m.unit.clone(),
+                        min: m.min,
+                        max: m.max,
+                        series: None,
+                    };
+                    (m.field().to_string(), rule)
+                })
+                .collect();
+            let extra = previous
+                .remove(&id)
+                .map(|old| old.extra)
+                .unwrap_or_default();
+            self.devices.insert(id, DeviceRules { metrics, extra });
         }
+        self.limits = config.validation.clone();
     }
 
     /// Checks every value of `message`.
@@ -120,6 +129,7 @@ impl Validator {
         raw: &RawReading,
     ) -> Result<(Series, Limits), Invalid> {
         let stamps = &mut self.last_receive_stamp;
+        let interned = &mut self.interned;
         let Some(rules) = self.devices.get_mut(device) else {
             return Err((
                 RejectReason::UnknownDevice,
@@ -130,7 +140,7 @@ impl Validator {
             let unit = rule.unit.as_deref().or(raw.unit.as_deref());
             let series = rule
                 .series
-                .get_or_insert_with(|| intern(stamps, device, &rule.name, unit));
+                .get_or_insert_with(|| intern(interned, stamps, device, &rule.name, unit));
             return Ok((series.clone(), (rule.min, rule.max)));
         }
         if let Some(series) = rules.extra.get(&raw.field) {
@@ -155,7 +165,7 @@ impl Validator {
                 ),
             ));
         }
-        let series = intern(stamps, device, &raw.field, raw.unit.as_deref());
+        let series = intern(interned, stamps, device, &raw.field, raw.unit.as_deref());
         rules.extra.insert(raw.field.clone(), series.clone());
         Ok((series, (None, None)))
     }
@@ -236,16 +246,29 @@ impl Validator {
     }
 }
 
-/// A new series with the next key; `stamps` holds one entry per key.
-fn intern(stamps: &mut Vec<Millis>, device: &DeviceId, metric: &str, unit: Option<&str>) -> Series {
-    let key = SeriesKey(stamps.len() as u32);
-    stamps.push(Millis::MIN);
-    Series::new(SeriesInfo {
-        key,
-        device: device.clone(),
-        metric: Arc::from(metric),
-        unit: unit.map(Arc::from),
-    })
+/// The series of a device's metric with its unit: the one interned before, or a new one
+/// with the next key (`stamps` holds one entry per key).
+fn intern(
+    interned: &mut HashMap<(DeviceId, String, Option<String>), Series>,
+    stamps: &mut Vec<Millis>,
+    device: &DeviceId,
+    metric: &str,
+    unit: Option<&str>,
+) -> Series {
+    let name = (device.clone(), metric.to_string(), unit.map(str::to_string));
+    interned
+        .entry(name)
+        .or_insert_with(|| {
+            let key = SeriesKey(stamps.len() as u32);
+            stamps.push(Millis::MIN);
+            Series::new(SeriesInfo {
+                key,
+                device: device.clone(),
+                metric: Arc::from(metric),
+                unit: unit.map(Arc::from),
+            })
+        })
+        .clone()
 }
 
 #[cfg(test)]
@@ -405,6 +428,55 @@ mod tests {
                 .contains("ahead of the gateway clock"),
             "{}",
             out.rejections[0].detail
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_series_keys_and_applies_new_limits() {
+        let mut v = validator("");
+        let before = v.check(&message(vec![raw("hum", 50.0, None)]));
+        let key = before.readings[0].series.key();
+        let text = r#"
+            [[brokers]]
+            url = "mqtt://localhost"
+            [[devices]]
+            kind = "mqtt"
+            id = "bay3"
+            topic = "bay3"
+            format = "json"
+            [[devices.metrics]]
+            name = "humidity"
+            field = "hum"
+            unit = "%"
+            min = 0
+            max = 40
+            [[devices]]
+            kind = "mqtt"
+            id = "bay4"
+            topic = "bay4"
+            format = "json"
+            "#;
+        v.reconfigure(&crate::config::parse(text, "t.toml".as_ref()).unwrap());
+        let after = v.check(&message(vec![
+            raw("hum", 30.0, None),
+            raw("hum", 50.0, None),
+        ]));
+        assert_eq!(
+            after.readings[0].series.key(),
+            key,
+            "an unchanged metric keeps its series"
+        );
+        assert_eq!(
+            after.rejections[0].reason,
+            RejectReason::OutOfRange,
+            "the new max applies"
+        );
+        let mut added = message(vec![raw("t", 1.0, None)]);
+        added.device = DeviceId::new("bay4");
+        assert_eq!(
+            v.check(&added).readings.len(),
+            1,
+            "an added device is known"
         );
     }
 

@@ -23,16 +23,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Outlet;
 use super::ack::AckWindow;
 use super::backoff::Backoff;
-use crate::config::{BrokerConfig, MqttDeviceConfig, PipelineConfig};
+use super::{Outlet, SourceContext};
+use crate::config::{BrokerConfig, MqttDeviceConfig};
 use crate::decode::Decoder;
 use crate::reading::{
     Bytes, DeviceId, DeviceState, Message, Millis, RejectReason, Rejection, Settle, SourceEvent,
     StatusChange, Ticket, now_millis,
 };
-use crate::telemetry::{BrokerGauges, Telemetry};
+use crate::telemetry::BrokerGauges;
 
 /// The broker connection as device tasks see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,9 +51,26 @@ struct Delivery {
 }
 
 struct Route {
+    device: DeviceId,
     filter: Arc<str>,
     qos: QoS,
     inbox: mpsc::Sender<Delivery>,
+}
+
+/// A device's place in a session's routing; `inbox` is `None` to keep the task the session
+/// already routes to.
+pub(super) struct RouteSpec {
+    device: DeviceId,
+    filter: Arc<str>,
+    qos: QoS,
+    inbox: Option<mpsc::Sender<Delivery>>,
+}
+
+/// A message sent to a running session.
+pub(super) enum Command {
+    /// The complete set of routes from now on, in config order: subscribe what is new,
+    /// unsubscribe what is gone, drop the inboxes of devices no longer listed.
+    Routes(Vec<RouteSpec>),
 }
 
 /// The acknowledgement window shared by the session (which acknowledges) and the writer
@@ -91,50 +108,134 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Starts the broker's session task and its devices' tasks.
-pub(super) fn spawn_broker(
-    broker: BrokerConfig,
-    devices: Vec<MqttDeviceConfig>,
-    pipeline: &PipelineConfig,
-    events: mpsc::Sender<SourceEvent>,
-    telemetry: &Arc<Telemetry>,
-    tracker: &TaskTracker,
+/// A running broker session with its device tasks, as the source supervisor holds it.
+pub(super) struct BrokerUnit {
+    pub config: BrokerConfig,
+    pub devices: Vec<MqttDeviceConfig>,
+    commands: mpsc::Sender<Command>,
+    link: watch::Receiver<Link>,
     cancel: CancellationToken,
-) {
-    let (link_tx, link_rx) = watch::channel(Link::Connecting);
-    let mut routes = Vec::new();
-    for device in devices {
-        let (inbox_tx, inbox_rx) = mpsc::channel(pipeline.device_queue);
-        let id = DeviceId::new(&device.id);
-        let Some(decoder) = super::decoder_for(&id, &device.format_options(), &device.metrics)
-        else {
-            continue;
+    done: TaskTracker,
+}
+
+impl BrokerUnit {
+    /// Starts the broker's session task and its devices' tasks.
+    pub fn start(
+        broker: BrokerConfig,
+        devices: Vec<MqttDeviceConfig>,
+        ctx: &SourceContext,
+    ) -> Self {
+        let (link_tx, link) = watch::channel(Link::Connecting);
+        let (commands, command_rx) = mpsc::channel(4);
+        let cancel = ctx.shutdown.child_token();
+        let done = TaskTracker::new();
+        let mut unit = Self {
+            config: broker,
+            devices: Vec::new(),
+            commands,
+            link,
+            cancel,
+            done,
         };
-        routes.push(Route {
-            filter: Arc::from(device.topic.as_str()),
-            qos: qos(device.qos),
-            inbox: inbox_tx,
-        });
-        let task = DeviceTask {
-            outlet: Outlet::new(events.clone(), pipeline.overflow, telemetry.source(&id)),
-            id,
-            broker: broker.id.clone(),
-            decoder,
-            expected_interval: device.expected_interval,
+        let routes = unit.spawn_devices(&devices, ctx);
+        unit.devices = devices;
+        let session = Session {
+            gauges: ctx.telemetry.broker(&unit.config.id),
+            broker: unit.config.clone(),
+            unsent: VecDeque::new(),
+            router: Router::new(routes.iter().map(|r| &*r.filter)),
+            routes,
+            generation: 0,
+            subscribing: VecDeque::new(),
+            connected: false,
+            commands: command_rx,
+            events: Some(ctx.events.clone()),
+            link: link_tx,
+            board: Arc::new(AckBoard::default()),
         };
-        tracker.spawn(task.run(inbox_rx, link_rx.clone()));
+        ctx.tracker
+            .spawn(unit.done.track_future(session.run(unit.cancel.clone())));
+        unit
     }
-    let session = Session {
-        gauges: telemetry.broker(&broker.id),
-        broker,
-        unsent: VecDeque::new(),
-        router: Router::new(routes.iter().map(|r| &*r.filter)),
-        routes,
-        events: Some(events),
-        link: link_tx,
-        board: Arc::new(AckBoard::default()),
-    };
-    tracker.spawn(session.run(cancel));
+
+    /// Starts a task for each of `devices`; returns their routes.
+    fn spawn_devices(&self, devices: &[MqttDeviceConfig], ctx: &SourceContext) -> Vec<Route> {
+        let mut routes = Vec::new();
+        for device in devices {
+            let id = DeviceId::new(&device.id);
+            let Some(decoder) = super::decoder_for(&id, &device.format_options(), &device.metrics)
+            else {
+                continue;
+            };
+            let (inbox, inbox_rx) = mpsc::channel(ctx.pipeline.device_queue);
+            routes.push(Route {
+                device: id.clone(),
+                filter: Arc::from(device.topic.as_str()),
+                qos: qos(device.qos),
+                inbox,
+            });
+            let task = DeviceTask {
+                outlet: Outlet::new(
+                    ctx.events.clone(),
+                    ctx.pipeline.overflow,
+                    ctx.telemetry.source(&id),
+                ),
+                id,
+                broker: self.config.id.clone(),
+                decoder,
+                expected_interval: device.expected_interval,
+            };
+            ctx.tracker.spawn(
+                self.done
+                    .track_future(task.run(inbox_rx, self.link.clone())),
+            );
+        }
+        routes
+    }
+
+    /// Takes a reloaded list of this broker's devices without touching the connection:
+    /// unchanged devices keep their tasks, added and changed ones get new tasks, removed ones
+    /// end once their inbox drains. Returns the ids started anew.
+    pub async fn update(
+        &mut self,
+        devices: Vec<MqttDeviceConfig>,
+        ctx: &SourceContext,
+    ) -> Vec<DeviceId> {
+        let fresh: Vec<MqttDeviceConfig> = devices
+            .iter()
+            .filter(|d| !self.devices.iter().any(|old| super::same_mqtt(old, d)))
+            .cloned()
+            .collect();
+        let mut started: Vec<Route> = self.spawn_devices(&fresh, ctx);
+        let specs = devices
+            .iter()
+            .filter_map(|d| {
+                let device = DeviceId::new(&d.id);
+                let inbox = match started.iter().position(|r| r.device == device) {
+                    Some(i) => Some(started.swap_remove(i).inbox),
+                    None if fresh.iter().any(|f| f.id == d.id) => return None,
+                    None => None,
+                };
+                Some(RouteSpec {
+                    device,
+                    filter: Arc::from(d.topic.as_str()),
+                    qos: qos(d.qos),
+                    inbox,
+                })
+            })
+            .collect();
+        // A session that has ended has dropped every route already.
+        let _ = self.commands.send(Command::Routes(specs)).await;
+        self.devices = devices;
+        fresh.iter().map(|d| DeviceId::new(&d.id)).collect()
+    }
+
+    /// Closes the session (acknowledging what was committed) and waits for its tasks.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.done.close();
+        self.done.wait().await;
+    }
 }
 
 fn qos(level: u8) -> QoS {
@@ -153,6 +254,14 @@ struct Session {
     unsent: VecDeque<Publish>,
     router: Router,
     routes: Vec<Route>,
+    /// Bumped when the routes change, so a delivery routed before is routed again.
+    generation: u64,
+    /// The filters of each subscribe request not yet answered, in order: SubAcks name no
+    /// filters.
+    subscribing: VecDeque<Vec<Arc<str>>>,
+    /// Between a ConnAck and the next connection error.
+    connected: bool,
+    commands: mpsc::Receiver<Command>,
     /// For publishes no device claims; dropped at shutdown like the routes.
     events: Option<mpsc::Sender<SourceEvent>>,
     link: watch::Sender<Link>,
@@ -197,7 +306,7 @@ impl Session {
         let max_unacked = usize::from(self.broker.max_unacked);
         // Acknowledgements queue here between polls; there are never more than max_unacked.
         let (client, mut eventloop) = AsyncClient::new(options, max_unacked + 64);
-        let mut pending: VecDeque<(Option<usize>, Delivery)> = VecDeque::new();
+        let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), self.broker.reconnect_max);
         let mut stopping = false;
         let mut last_poll = Instant::now();
@@ -243,7 +352,10 @@ impl Session {
                             }
                             self.acknowledge(&client);
                         }
-                        sent = forward(&self.routes, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
+                        Some(command) = self.commands.recv(), if !stopping => {
+                            self.command(&client, command);
+                        }
+                        sent = forward(&self.routes, &self.router, self.generation, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
                             if !sent { pending.pop_front(); }
                         }
                         event = &mut poll => break Some(event),
@@ -260,7 +372,8 @@ impl Session {
                     biased;
                     () = cancel.cancelled(), if !stopping => stopping = true,
                     () = self.board.ready.notified() => self.acknowledge(&client),
-                    sent = forward(&self.routes, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
+                    Some(command) = self.commands.recv(), if !stopping => self.command(&client, command),
+                    sent = forward(&self.routes, &self.router, self.generation, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
                         if !sent { pending.pop_front(); }
                     }
                     () = tokio::time::sleep(Duration::from_millis(200)), if stopping => {}
@@ -277,8 +390,15 @@ impl Session {
                     backoff.reset();
                     lock(&self.board.window).reset();
                     self.unsent.clear();
+                    self.connected = true;
+                    self.subscribing.clear();
                     if !stopping {
-                        self.subscribe(&client);
+                        let all: Vec<(Arc<str>, QoS)> = self
+                            .routes
+                            .iter()
+                            .map(|r| (r.filter.clone(), r.qos))
+                            .collect();
+                        self.subscribe(&client, all);
                     }
                     tracing::info!(broker = %self.broker.id, "Broker connected");
                 }
@@ -287,15 +407,16 @@ impl Session {
                     self.receive(publish, &mut pending);
                 }
                 Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                    let filters = self.subscribing.pop_front().unwrap_or_default();
                     let refused: Vec<&str> = ack
                         .return_codes
                         .iter()
-                        .zip(&self.routes)
+                        .zip(&filters)
                         .filter(|(code, _)| matches!(code, rumqttc::SubscribeReasonCode::Failure))
-                        .map(|(_, route)| &*route.filter)
+                        .map(|(_, filter)| &**filter)
                         .collect();
                     if refused.is_empty() {
-                        tracing::info!(broker = %self.broker.id, topics = self.routes.len(), "Subscribed");
+                        tracing::info!(broker = %self.broker.id, topics = filters.len(), "Subscribed");
                         self.gauges.connected.store(true, Ordering::Relaxed);
                         self.link.send_replace(Link::Up);
                     } else {
@@ -314,6 +435,7 @@ impl Session {
                     lock(&self.board.window).reset();
                     self.unsent.clear();
                     eventloop.state.events.clear();
+                    self.connected = false;
                     if stopping {
                         break;
                     }
@@ -343,17 +465,86 @@ impl Session {
         tracing::info!(broker = %self.broker.id, "Broker session closed");
     }
 
-    fn subscribe(&self, client: &AsyncClient) {
-        let filters = self
-            .routes
+    /// Subscribes `filters`, remembering them to read the SubAck.
+    fn subscribe(&mut self, client: &AsyncClient, filters: Vec<(Arc<str>, QoS)>) {
+        if filters.is_empty() {
+            return;
+        }
+        let requests = filters
             .iter()
-            .map(|r| rumqttc::SubscribeFilter::new(r.filter.to_string(), r.qos));
-        if let Err(err) = client.try_subscribe_many(filters) {
-            tracing::error!(broker = %self.broker.id, error = %err, "Could not queue subscriptions");
+            .map(|(filter, qos)| rumqttc::SubscribeFilter::new(filter.to_string(), *qos));
+        match client.try_subscribe_many(requests) {
+            Ok(()) => self
+                .subscribing
+                .push_back(filters.into_iter().map(|(f, _)| f).collect()),
+            Err(err) => {
+                tracing::error!(broker = %self.broker.id, error = %err, "Could not queue subscriptions")
+            }
         }
     }
 
-    fn receive(&self, publish: Publish, pending: &mut VecDeque<(Option<usize>, Delivery)>) {
+    fn command(&mut self, client: &AsyncClient, command: Command) {
+        match command {
+            Command::Routes(specs) => self.reroute(client, specs),
+        }
+    }
+
+    /// Takes a new set of routes without reconnecting: unchanged devices keep their inboxes,
+    /// removed ones lose theirs (their tasks drain and end), new filters are subscribed and
+    /// filters no device uses any more unsubscribed.
+    fn reroute(&mut self, client: &AsyncClient, specs: Vec<RouteSpec>) {
+        let mut old: HashMap<DeviceId, Route> = self
+            .routes
+            .drain(..)
+            .map(|route| (route.device.clone(), route))
+            .collect();
+        let before: HashMap<Arc<str>, QoS> =
+            old.values().map(|r| (r.filter.clone(), r.qos)).collect();
+        for spec in specs {
+            let inbox = match spec.inbox {
+                Some(inbox) => inbox,
+                None => match old.remove(&spec.device) {
+                    Some(route) => route.inbox,
+                    None => continue,
+                },
+            };
+            self.routes.push(Route {
+                device: spec.device,
+                filter: spec.filter,
+                qos: spec.qos,
+                inbox,
+            });
+        }
+        let after: HashMap<Arc<str>, QoS> = self
+            .routes
+            .iter()
+            .map(|r| (r.filter.clone(), r.qos))
+            .collect();
+        self.router = Router::new(self.routes.iter().map(|r| &*r.filter));
+        self.generation += 1;
+        tracing::info!(broker = %self.broker.id, devices = self.routes.len(), "Routes updated without reconnecting");
+        if !self.connected {
+            // The next ConnAck subscribes the whole set.
+            return;
+        }
+        let gone: Vec<Arc<str>> = before
+            .keys()
+            .filter(|f| !after.contains_key(*f))
+            .cloned()
+            .collect();
+        for filter in gone {
+            if let Err(err) = client.try_unsubscribe(filter.to_string()) {
+                tracing::warn!(broker = %self.broker.id, filter = %filter, error = %err, "Could not queue an unsubscribe");
+            }
+        }
+        let new: Vec<(Arc<str>, QoS)> = after
+            .into_iter()
+            .filter(|(f, q)| before.get(f) != Some(q))
+            .collect();
+        self.subscribe(client, new);
+    }
+
+    fn receive(&self, publish: Publish, pending: &mut VecDeque<Pending>) {
         let received_at = now_millis();
         let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
             // Only what the acknowledgement needs; the payload travels with the delivery.
@@ -383,7 +574,11 @@ impl Session {
             received_at,
             ticket,
         };
-        pending.push_back((route, delivery));
+        pending.push_back(Pending {
+            generation: self.generation,
+            route,
+            delivery,
+        });
     }
 
     /// Queues every acknowledgement that is due, in arrival order. rumqttc takes requests
@@ -449,26 +644,41 @@ fn tls_transport(broker: &BrokerConfig) -> Result<Transport, TlsFileError> {
     }))
 }
 
+/// A delivery waiting for its device's inbox, routed when it arrived.
+struct Pending {
+    /// The routes' generation `route` refers to.
+    generation: u64,
+    route: Option<usize>,
+    delivery: Delivery,
+}
+
 /// Hands the front delivery to its device, or an unrouted one to the pipeline as a
-/// rejection; false when the receiver is gone.
+/// rejection; false when the receiver is gone. A delivery routed before the routes changed
+/// is routed again.
 async fn forward(
     routes: &[Route],
+    router: &Router,
+    generation: u64,
     events: Option<&mpsc::Sender<SourceEvent>>,
-    pending: &mut VecDeque<(Option<usize>, Delivery)>,
+    pending: &mut VecDeque<Pending>,
 ) -> bool {
-    let Some((route, _)) = pending.front() else {
+    let Some(front) = pending.front_mut() else {
         return true;
     };
-    match route {
+    if front.generation != generation {
+        front.route = router.find(&front.delivery.topic);
+        front.generation = generation;
+    }
+    match front.route {
         Some(route) => {
-            let Some(route) = routes.get(*route) else {
+            let Some(route) = routes.get(route) else {
                 return false;
             };
             let Ok(permit) = route.inbox.reserve().await else {
                 return false;
             };
-            if let Some((_, delivery)) = pending.pop_front() {
-                permit.send(delivery);
+            if let Some(front) = pending.pop_front() {
+                permit.send(front.delivery);
             }
         }
         None => {
@@ -478,7 +688,7 @@ async fn forward(
             let Ok(permit) = events.reserve().await else {
                 return false;
             };
-            if let Some((_, delivery)) = pending.pop_front() {
+            if let Some(Pending { delivery, .. }) = pending.pop_front() {
                 let rejection = Rejection {
                     device: None,
                     detail: format!("no device is configured for topic `{}`", delivery.topic),
@@ -566,6 +776,20 @@ impl DeviceTask {
         let mut state = DeviceState::Starting;
         let mut last_seen = Instant::now();
         let mut link_open = true;
+        // A device added by a reload joins a session that may be up already.
+        if *link.borrow_and_update() == Link::Up {
+            state = DeviceState::Connected;
+            let status = StatusChange {
+                device: self.id.clone(),
+                kind: "mqtt",
+                state,
+                error: None,
+                at: now_millis(),
+            };
+            if !self.outlet.send_event(SourceEvent::Status(status)).await {
+                return;
+            }
+        }
         loop {
             let stale_at = self.expected_interval.map(|i| last_seen + i);
             let next = tokio::select! {

@@ -37,6 +37,9 @@ pub struct Batch {
     pub faults: HashMap<DeviceId, FaultCounts>,
     /// The newest heartbeat that entered the pipeline before this batch was cut.
     pub heartbeat: Option<Millis>,
+    /// A reloaded config: its new devices are registered and its removed ones retired in
+    /// this batch's transaction.
+    pub reconfigure: Option<std::sync::Arc<crate::config::Config>>,
     pub messages: usize,
 }
 
@@ -47,6 +50,7 @@ impl Batch {
             && self.statuses.is_empty()
             && self.faults.is_empty()
             && self.tickets.is_empty()
+            && self.reconfigure.is_none()
     }
 }
 

@@ -10,7 +10,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Batch, StorageError};
-use crate::config::RetentionConfig;
+use crate::config::{Config, RetentionConfig};
 use crate::reading::{
     DeviceId, DeviceState, FastMap, FaultCounts, LiveBatch, LiveReading, Millis, Reading, Rollups,
     SeriesKey, now_millis,
@@ -26,6 +26,7 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A configured device as the writer registers it.
+#[derive(Clone)]
 pub struct DeviceEntry {
     pub id: DeviceId,
     pub kind: &'static str,
@@ -46,7 +47,11 @@ struct SeriesIds {
 
 pub struct Writer {
     pool: SqlitePool,
+    /// Every device this run has written for, removed ones included (their late rejections
+    /// still name them).
     devices: FastMap<DeviceId, i64>,
+    /// The configured devices and their kinds.
+    kinds: FastMap<DeviceId, &'static str>,
     /// By [`SeriesKey`]; filled as series first appear in a batch.
     series: Vec<Option<SeriesIds>>,
     drop_counters: Vec<(i64, Arc<SourceCounters>)>,
@@ -70,11 +75,31 @@ impl Writer {
         telemetry: Arc<Telemetry>,
         live: broadcast::Sender<LiveBatch>,
     ) -> Result<Self, StorageError> {
+        let mut writer = Self {
+            pool,
+            devices: FastMap::default(),
+            kinds: FastMap::default(),
+            series: Vec::new(),
+            drop_counters: Vec::new(),
+            retention,
+            retention_cursor: 0,
+            telemetry,
+            live,
+        };
+        writer.register(entries).await?;
+        Ok(writer)
+    }
+
+    /// Registers devices (state `starting`) in one transaction; a known one gets its new
+    /// kind. Nothing is cached unless the transaction commits.
+    async fn register(&mut self, entries: Vec<DeviceEntry>) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         let now = now_millis();
-        let mut devices = FastMap::default();
-        let mut drop_counters = Vec::new();
-        let mut tx = pool.begin().await?;
-        for entry in entries {
+        let mut tx = self.pool.begin().await?;
+        let mut ids = Vec::with_capacity(entries.len());
+        for entry in &entries {
             let id: i64 = sqlx::query_scalar(
                 "INSERT INTO devices (name, kind, state, state_since, last_error) \
                  VALUES (?1, ?2, 'starting', ?3, NULL) \
@@ -86,21 +111,73 @@ impl Writer {
             .bind(now)
             .fetch_one(&mut *tx)
             .await?;
-            telemetry.set_device_state(&entry.id, DeviceState::Starting);
-            devices.insert(entry.id, id);
-            drop_counters.push((id, entry.counters));
+            ids.push(id);
         }
         tx.commit().await?;
-        Ok(Self {
-            pool,
-            devices,
-            series: Vec::new(),
-            drop_counters,
-            retention,
-            retention_cursor: 0,
-            telemetry,
-            live,
-        })
+        for (entry, id) in entries.into_iter().zip(ids) {
+            self.telemetry
+                .set_device_state(&entry.id, DeviceState::Starting);
+            self.kinds.insert(entry.id.clone(), entry.kind);
+            self.devices.insert(entry.id, id);
+            self.drop_counters.retain(|(known, _)| *known != id);
+            self.drop_counters.push((id, entry.counters));
+        }
+        Ok(())
+    }
+
+    /// Marks devices a reload removed as stopped. Their rows and readings stay.
+    async fn retire(&mut self, removed: &[DeviceId]) -> Result<(), StorageError> {
+        let now = now_millis();
+        let mut tx = self.pool.begin().await?;
+        for device in removed {
+            sqlx::query(
+                "UPDATE devices SET state = 'stopped', state_since = ?1, \
+                 last_error = 'removed from the config' WHERE name = ?2",
+            )
+            .bind(now)
+            .bind(device.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        for device in removed {
+            if let Some(id) = self.devices.get(device) {
+                self.drop_counters.retain(|(known, _)| known != id);
+            }
+            self.kinds.remove(device);
+            self.telemetry.remove_device(device);
+        }
+        Ok(())
+    }
+
+    /// The devices of a reloaded config that are new (or changed kind), and the known ones
+    /// it no longer lists.
+    fn changes(&self, config: &Config) -> (Vec<DeviceEntry>, Vec<DeviceId>) {
+        let listed: HashSet<&str> = config.devices.iter().map(|d| d.id()).collect();
+        let added = config
+            .devices
+            .iter()
+            .filter(|d| {
+                self.kinds
+                    .get(&DeviceId::new(d.id()))
+                    .is_none_or(|kind| *kind != d.kind())
+            })
+            .map(|d| {
+                let id = DeviceId::new(d.id());
+                DeviceEntry {
+                    counters: self.telemetry.source(&id),
+                    id,
+                    kind: d.kind(),
+                }
+            })
+            .collect();
+        let removed = self
+            .kinds
+            .keys()
+            .filter(|id| !listed.contains(id.as_str()))
+            .cloned()
+            .collect();
+        (added, removed)
     }
 
     /// Writes batches until the channel closes, then marks devices stopped. A batch whose
@@ -131,6 +208,17 @@ impl Writer {
     /// Commits `batch`, retrying with backoff until it succeeds, then settles its tickets
     /// and passes its heartbeat on. A batch with nothing to store costs no transaction.
     async fn commit_with_retry(&mut self, batch: Batch) {
+        let (added, removed) = match &batch.reconfigure {
+            Some(config) => self.changes(config),
+            None => (Vec::new(), Vec::new()),
+        };
+        // New devices get their rows before any of their readings.
+        let mut delay = RETRY_MIN;
+        while let Err(err) = self.register(added.clone()).await {
+            tracing::error!(error = %err, "Cannot register the devices a reload added; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
+        }
         if !batch.has_no_data() {
             let mut delay = RETRY_MIN;
             let mut failures = 0u32;
@@ -174,6 +262,14 @@ impl Writer {
         for status in &batch.statuses {
             self.telemetry
                 .set_device_state(&status.device, status.state);
+        }
+        let mut delay = RETRY_MIN;
+        while !removed.is_empty()
+            && let Err(err) = self.retire(&removed).await
+        {
+            tracing::error!(error = %err, "Cannot mark the devices a reload removed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
         }
         for ticket in batch.tickets {
             ticket.settle();
