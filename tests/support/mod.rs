@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub use sensorgate_sim::Mosquitto;
 
 pub mod http;
+pub mod process;
 use sensorgate_sim::{Scenario, plan::Expect};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
@@ -91,8 +92,10 @@ pub fn spawn_publisher(
 }
 
 pub fn unique(name: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!(
-        "{name}-{}-{}",
+        "{name}-{}-{}-{n}",
         std::process::id(),
         sensorgate::reading::now_millis() % 1_000_000
     )
