@@ -9,6 +9,8 @@ pub mod writer;
 
 use std::collections::HashMap;
 
+use std::path::Path;
+
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -76,6 +78,16 @@ pub enum StorageError {
     },
     #[error("{0} is not a sensorgate database (it has no devices and readings tables)")]
     NotSensorgate(String),
+    #[error(
+        "{path} is not a SQLite database ({reason}); refusing to start so it stays as it is: \
+         move it away or set storage.path to another file"
+    )]
+    Corrupt { path: String, reason: String },
+    #[error(
+        "{path} is a SQLite database of something else (tables {tables}); refusing to write \
+         into it: set storage.path to another file"
+    )]
+    Foreign { path: String, tables: String },
     #[error("no device `{0}` in the database; `sensorgate devices` lists them")]
     UnknownDevice(String),
     #[error("cursor `{0}` does not belong to this query; start again without it")]
@@ -90,6 +102,34 @@ pub enum StorageError {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Refuses a file that is not ours before anything writes to it (even switching a database
+/// to WAL rewrites its header): one that is not a SQLite database, or a SQLite database with
+/// tables but no sensorgate migrations.
+fn check_existing(path: &Path) -> Result<(), StorageError> {
+    let name = path.display().to_string();
+    if std::fs::metadata(path).map_or(true, |m| m.len() == 0) {
+        return Ok(());
+    }
+    let corrupt = |err: rusqlite::Error| StorageError::Corrupt {
+        path: name.clone(),
+        reason: err.to_string(),
+    };
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(corrupt)?;
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect())
+        .map_err(corrupt)?;
+    if !tables.is_empty() && !tables.iter().any(|t| t == "_sqlx_migrations") {
+        return Err(StorageError::Foreign {
+            path: name,
+            tables: tables.join(", "),
+        });
+    }
+    Ok(())
+}
+
 /// Opens (creating if needed) the database for writing and applies migrations. The pool has
 /// one connection: there is one writer.
 ///
@@ -98,6 +138,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, StorageError> {
     let path = config.path.as_path();
     let name = path.display().to_string();
+    check_existing(path)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|err| StorageError::Open {
             path: name.clone(),

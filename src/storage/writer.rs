@@ -5,8 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqlitePool;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{Connection as _, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Batch, StorageError};
@@ -97,23 +98,15 @@ impl Writer {
             return Ok(());
         }
         let now = now_millis();
-        let mut tx = self.pool.begin().await?;
-        let mut ids = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO devices (name, kind, state, state_since, last_error) \
-                 VALUES (?1, ?2, 'starting', ?3, NULL) \
-                 ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, state = 'starting', \
-                 state_since = excluded.state_since, last_error = NULL RETURNING id",
-            )
-            .bind(entry.id.as_str())
-            .bind(entry.kind)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-            ids.push(id);
-        }
-        tx.commit().await?;
+        let mut conn = self.pool.acquire().await?;
+        let ids = match register_rows(&mut conn, &entries, now).await {
+            Ok(ids) => ids,
+            Err(err) => {
+                discard(conn).await;
+                return Err(err);
+            }
+        };
+        drop(conn);
         for (entry, id) in entries.into_iter().zip(ids) {
             self.telemetry
                 .set_device_state(&entry.id, DeviceState::Starting);
@@ -128,18 +121,12 @@ impl Writer {
     /// Marks devices a reload removed as stopped. Their rows and readings stay.
     async fn retire(&mut self, removed: &[DeviceId]) -> Result<(), StorageError> {
         let now = now_millis();
-        let mut tx = self.pool.begin().await?;
-        for device in removed {
-            sqlx::query(
-                "UPDATE devices SET state = 'stopped', state_since = ?1, \
-                 last_error = 'removed from the config' WHERE name = ?2",
-            )
-            .bind(now)
-            .bind(device.as_str())
-            .execute(&mut *tx)
-            .await?;
+        let mut conn = self.pool.acquire().await?;
+        if let Err(err) = retire_rows(&mut conn, removed, now).await {
+            discard(conn).await;
+            return Err(err);
         }
-        tx.commit().await?;
+        drop(conn);
         for device in removed {
             if let Some(id) = self.devices.get(device) {
                 self.drop_counters.retain(|(known, _)| known != id);
@@ -313,8 +300,23 @@ impl Writer {
             .collect();
         let mut added = Vec::new();
         let mut exact = false;
+        let mut conn = match self.pool.acquire().await {
+            Ok(conn) => Some(conn),
+            Err(err) => {
+                for (_, counter, n) in drops {
+                    counter.restore_unstored_drops(n);
+                }
+                return Err(err.into());
+            }
+        };
         let result = loop {
-            match self.try_write(batch, &drops, &mut added, exact).await {
+            let Some(connection) = conn.as_mut() else {
+                break Err(StorageError::Closed);
+            };
+            match self
+                .try_write(connection, batch, &drops, &mut added, exact)
+                .await
+            {
                 Ok(Written::Committed(new_keys)) => break Ok(new_keys),
                 // Rolled back: write it again, naming the rows actually inserted. An exact
                 // write never answers this, so this loops at most twice.
@@ -329,6 +331,9 @@ impl Writer {
             self.forget(&mut added);
             for (_, counter, n) in drops {
                 counter.restore_unstored_drops(n);
+            }
+            if let Some(conn) = conn.take() {
+                discard(conn).await;
             }
         }
         result
@@ -348,12 +353,13 @@ impl Writer {
     /// SQLite journal every page the inserts touch, on every batch.)
     async fn try_write(
         &mut self,
+        conn: &mut PoolConnection<Sqlite>,
         batch: &Batch,
         drops: &[(i64, Arc<SourceCounters>, u64)],
         added: &mut Vec<SeriesKey>,
         exact: bool,
     ) -> Result<Written, StorageError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = conn.begin().await?;
         let mut per_device: HashMap<i64, DeviceDelta> = HashMap::new();
         self.ensure_series(&mut tx, &batch.readings, added).await?;
 
@@ -659,6 +665,62 @@ struct DeviceDelta {
     duplicates: u64,
     dropped: u64,
     faults: FaultCounts,
+}
+
+/// Closes a connection whose transaction failed instead of returning it to the pool. After
+/// some errors (a full disk) SQLite rolls the transaction back by itself; sqlx then fails its
+/// own ROLLBACK and from there on believes a transaction is open, so later "commits" only
+/// release a savepoint and never reach the disk. A fresh connection knows no such history.
+async fn discard(conn: PoolConnection<Sqlite>) {
+    if let Err(err) = conn.close().await {
+        tracing::debug!(error = %err, "Closing a failed connection");
+    }
+}
+
+/// Upserts device rows; their ids in order.
+async fn register_rows(
+    conn: &mut SqliteConnection,
+    entries: &[DeviceEntry],
+    now: Millis,
+) -> Result<Vec<i64>, StorageError> {
+    let mut tx = conn.begin().await?;
+    let mut ids = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO devices (name, kind, state, state_since, last_error) \
+             VALUES (?1, ?2, 'starting', ?3, NULL) \
+             ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, state = 'starting', \
+             state_since = excluded.state_since, last_error = NULL RETURNING id",
+        )
+        .bind(entry.id.as_str())
+        .bind(entry.kind)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        ids.push(id);
+    }
+    tx.commit().await?;
+    Ok(ids)
+}
+
+async fn retire_rows(
+    conn: &mut SqliteConnection,
+    removed: &[DeviceId],
+    now: Millis,
+) -> Result<(), StorageError> {
+    let mut tx = conn.begin().await?;
+    for device in removed {
+        sqlx::query(
+            "UPDATE devices SET state = 'stopped', state_since = ?1, \
+             last_error = 'removed from the config' WHERE name = ?2",
+        )
+        .bind(now)
+        .bind(device.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Folds the batch's per-device counters into `devices` with one statement.

@@ -13,6 +13,7 @@ pub use sensorgate_sim::Mosquitto;
 
 pub mod http;
 pub mod process;
+pub mod proxy;
 use sensorgate_sim::{Scenario, plan::Expect};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
