@@ -250,7 +250,7 @@ struct Session {
     broker: BrokerConfig,
     /// Connection state and unacknowledged messages, for `/metrics`.
     gauges: Arc<BrokerGauges>,
-    /// Acknowledgements due but not yet taken by rumqttc's request channel.
+    /// Acknowledgements due, written at the top of the next loop turn.
     unsent: VecDeque<Publish>,
     router: Router,
     routes: Vec<Route>,
@@ -304,8 +304,8 @@ impl Session {
             options.set_credentials(user, pass.expose());
         }
         let max_unacked = usize::from(self.broker.max_unacked);
-        // Acknowledgements queue here between polls; there are never more than max_unacked.
-        let (client, mut eventloop) = AsyncClient::new(options, max_unacked + 64);
+        // Only subscriptions and the disconnect go through rumqttc's request channel.
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), self.broker.reconnect_max);
         let mut stopping = false;
@@ -321,7 +321,12 @@ impl Session {
                 eventloop.network = None;
                 self.link.send_replace(Link::Connecting);
             }
-            self.acknowledge(&client);
+            self.collect_acks();
+            if let Err(err) = self.send_acks(&mut eventloop).await {
+                // The next poll reports the broken connection and reconnects.
+                tracing::debug!(broker = %self.broker.id, error = %err, "Acknowledgements not sent");
+                self.unsent.clear();
+            }
             let window_len = lock(&self.board.window).len();
             let unacked = window_len + self.unsent.len();
             self.gauges.unacked.store(unacked, Ordering::Relaxed);
@@ -329,10 +334,9 @@ impl Session {
                 break;
             }
             let can_poll = !stopping || unacked > 0;
-            // Poll while acknowledgements wait to go out; otherwise stop reading once
-            // max_unacked messages wait, and let TCP push back on the broker.
-            let full = pending.len() >= max_unacked
-                || (window_len >= max_unacked && self.unsent.is_empty());
+            // Stop reading once max_unacked messages wait for their commit, and let TCP push
+            // back on the broker.
+            let full = pending.len() >= max_unacked || window_len >= max_unacked;
             // A stalled pipeline must not cost the connection: poll now and then anyway, so
             // keep-alive pings go out (with QoS 1 the broker sends nothing more meanwhile).
             let ping_due = last_poll + keep_alive / 2;
@@ -346,12 +350,8 @@ impl Session {
                         () = cancel.cancelled(), if !stopping => {
                             stopping = true;
                         }
-                        () = self.board.ready.notified() => {
-                            if self.board.abandoned.load(Ordering::Relaxed) {
-                                break None;
-                            }
-                            self.acknowledge(&client);
-                        }
+                        // Commits settled messages: leave the poll to acknowledge them.
+                        () = self.board.ready.notified() => break None,
                         Some(command) = self.commands.recv(), if !stopping => {
                             self.command(&client, command);
                         }
@@ -371,7 +371,7 @@ impl Session {
                 tokio::select! {
                     biased;
                     () = cancel.cancelled(), if !stopping => stopping = true,
-                    () = self.board.ready.notified() => self.acknowledge(&client),
+                    () = self.board.ready.notified() => {}
                     Some(command) = self.commands.recv(), if !stopping => self.command(&client, command),
                     sent = forward(&self.routes, &self.router, self.generation, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
                         if !sent { pending.pop_front(); }
@@ -581,30 +581,44 @@ impl Session {
         });
     }
 
-    /// Queues every acknowledgement that is due, in arrival order. rumqttc takes requests
-    /// from its channel only between incoming packets, so under load the channel can fill:
-    /// what does not fit waits in `unsent` and goes after the next poll. An acknowledgement is
-    /// never dropped while the connection lives, or the broker's in-flight slot would stay
-    /// taken and delivery would stall.
-    fn acknowledge(&mut self, client: &AsyncClient) {
-        {
-            let mut window = lock(&self.board.window);
-            while let Some(publish) = window.pop_ready() {
-                self.unsent.push_back(publish);
+    /// Moves every acknowledgement that is due, in arrival order, out of the window.
+    fn collect_acks(&mut self) {
+        let mut window = lock(&self.board.window);
+        while let Some(publish) = window.pop_ready() {
+            self.unsent.push_back(publish);
+        }
+    }
+
+    /// Writes the due acknowledgements straight into the connection, in order, with one
+    /// flush. Through rumqttc's request channel they would go out one per poll, behind whole
+    /// batches of incoming publishes: under load they pile up, the broker's in-flight window
+    /// stays full and delivery stalls.
+    ///
+    /// # Errors
+    /// When the connection is broken; the broker then delivers them again.
+    async fn send_acks(
+        &mut self,
+        eventloop: &mut rumqttc::EventLoop,
+    ) -> Result<(), rumqttc::StateError> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let Some(network) = eventloop.network.as_mut() else {
+            // Not connected: the broker delivers these again on the next connection.
+            self.unsent.clear();
+            return Ok(());
+        };
+        while let Some(publish) = self.unsent.pop_front() {
+            let request = match publish.qos {
+                QoS::AtMostOnce => continue,
+                QoS::AtLeastOnce => rumqttc::Request::PubAck(rumqttc::PubAck::new(publish.pkid)),
+                QoS::ExactlyOnce => rumqttc::Request::PubRec(rumqttc::PubRec::new(publish.pkid)),
+            };
+            if let Some(packet) = eventloop.state.handle_outgoing_packet(request)? {
+                network.write(packet).await?;
             }
         }
-        while let Some(publish) = self.unsent.front() {
-            match client.try_ack(publish) {
-                Ok(()) => {
-                    self.unsent.pop_front();
-                }
-                Err(rumqttc::ClientError::TryRequest(_)) => break,
-                Err(err) => {
-                    tracing::warn!(broker = %self.broker.id, error = %err, "Event loop gone; the broker will redeliver what was not acknowledged");
-                    self.unsent.clear();
-                }
-            }
-        }
+        network.flush().await
     }
 
     /// Drops the senders into device tasks and the pipeline, so they end and drain.
