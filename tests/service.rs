@@ -252,6 +252,12 @@ async fn systemd_sees_ready_status_watchdog_and_stopping_and_pings_stop_while_th
         .filter(|(_, m)| m.contains("WATCHDOG=1"))
         .count();
     assert!(pings >= 2, "{pings} pings in 5 s: {healthy:?}");
+    // Starting is not being stuck: no alarm before the first heartbeat.
+    let early: Vec<String> = gateway.lines.try_iter().collect();
+    assert!(
+        !early.iter().any(|line| line.contains("Pipeline stuck")),
+        "{early:#?}"
+    );
 
     // Another process holds the write lock while messages arrive: the writer is stuck
     // retrying its commit, heartbeats stop passing, and so must the pings.

@@ -70,6 +70,7 @@ pub async fn supervise(notifier: Notifier, telemetry: Arc<Telemetry>, cancel: Ca
     let mut last_stored = telemetry.readings_stored();
     let mut last_tick = tokio::time::Instant::now();
     let mut stuck = false;
+    let started = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -85,6 +86,11 @@ pub async fn supervise(notifier: Notifier, telemetry: Arc<Telemetry>, cancel: Ca
                 if std::mem::take(&mut stuck) {
                     tracing::warn!("Pipeline moving again; watchdog pings resume");
                 }
+                notifier.send(&[NotifyState::Watchdog]);
+            }
+            // The first heartbeat passes within seconds of READY: until then the gateway is
+            // starting, not stuck, unless that takes half the watchdog period.
+            Err(_) if telemetry.last_heartbeat() == 0 && started.elapsed() < period / 2 => {
                 notifier.send(&[NotifyState::Watchdog]);
             }
             Err(reason) => {
