@@ -91,7 +91,8 @@ fn collect_leaves(
 ) {
     match value {
         Value::Object(map) => {
-            for (key, child) in map {
+            // A key without a name names no metric (`{"": 7}`, `{"env": {"": 7}}`).
+            for (key, child) in map.iter().filter(|(key, _)| !key.is_empty()) {
                 let len = path.len();
                 if !path.is_empty() {
                     path.push('.');

@@ -23,8 +23,9 @@ pub(super) fn key_value(decoder: &Decoder, payload: &[u8]) -> Decoded {
         .split(|c: char| c.is_whitespace() || c == ',' || c == ';')
         .filter(|t| !t.is_empty())
     {
+        // A pair needs a key: `=5` would be a metric without a name.
         let split = token.find('=').or_else(|| token.find(':'));
-        let Some(at) = split else {
+        let Some(at) = split.filter(|&at| at > 0) else {
             return Err(DecodeError(format!(
                 "`{}` is not a key=value pair",
                 truncate(token)
