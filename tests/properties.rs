@@ -295,7 +295,7 @@ fn ingest(db: &Path, events: &[Event]) -> Vec<(Key, f64)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(96))]
 
     /// Invariant 3 of DESIGN.md, for any batching of any arrival order.
     #[test]
@@ -517,7 +517,7 @@ impl Ack {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
     fn acknowledgements_follow_arrival_order_and_never_precede_the_commit(steps in steps()) {

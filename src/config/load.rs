@@ -382,6 +382,12 @@ fn check_http(http: &mut HttpConfig) -> Result<(), String> {
     if http.max_rows == 0 || http.stream_buffer == 0 {
         return Err("http.max_rows and http.stream_buffer must be at least 1".into());
     }
+    // The live stream's buffer is allocated whole at start.
+    if http.stream_buffer > MAX_STREAM_BUFFER {
+        return Err(format!(
+            "http.stream_buffer must be at most {MAX_STREAM_BUFFER} batches"
+        ));
+    }
     Ok(())
 }
 
@@ -415,6 +421,12 @@ fn check_tls_files(broker: &BrokerConfig, tls: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The most messages a channel between stages (or a device's inbox) may hold: memory is
+/// bounded by configuration, and the channels refuse far larger capacities with a panic.
+const MAX_CAPACITY: usize = 1 << 20;
+/// The most commits a live-stream client may fall behind.
+const MAX_STREAM_BUFFER: usize = 1 << 16;
+
 fn check_limits(config: &Config) -> Result<(), (&'static str, String)> {
     let positive = [
         ("batch_size", config.storage.batch_size),
@@ -424,6 +436,14 @@ fn check_limits(config: &Config) -> Result<(), (&'static str, String)> {
     for (key, value) in positive {
         if value == 0 {
             return Err((key, format!("{key} must be at least 1")));
+        }
+    }
+    for (key, value) in &positive[1..] {
+        if *value > MAX_CAPACITY {
+            return Err((
+                key,
+                format!("{key} must be at most {MAX_CAPACITY} messages"),
+            ));
         }
     }
     let retention = &config.storage.retention;
@@ -688,6 +708,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "test.toml:2: retention interval must be at least 1s");
+    }
+
+    #[test]
+    fn values_the_gateway_cannot_start_with_are_refused_at_their_line() {
+        // Each passed the check, then wrapped (a rollup width in milliseconds turned
+        // negative) or panicked or aborted when the gateway made its channels; the start-up
+        // property of fuzz/fuzz_targets/config.rs fails on each (fuzz/corpus/config/startup_*).
+        for (text, error) in [
+            (
+                "[rollups]\nwindows = [\"10000000000000000s\"]\n",
+                "test.toml:2: `10000000000000000s` is longer than 100 years",
+            ),
+            (
+                "[pipeline]\nchannel_capacity = 4000000000000000000\n",
+                "test.toml:2: channel_capacity must be at most 1048576 messages",
+            ),
+            (
+                "[pipeline]\ndevice_queue = 2000000\n",
+                "test.toml:2: device_queue must be at most 1048576 messages",
+            ),
+            (
+                "[http]\nstream_buffer = 100000000000\n",
+                "test.toml:1: http.stream_buffer must be at most 65536 batches",
+            ),
+        ] {
+            let err = parse_str(text).unwrap_err().to_string();
+            assert!(err.starts_with(error), "{err}");
+        }
+        parse_str("[storage.retention]\nrollups = \"100y\"\n[rollups]\nwindows = [\"30days\"]\n")
+            .unwrap();
     }
 
     #[test]

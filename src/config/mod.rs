@@ -550,12 +550,23 @@ pub(crate) mod duration {
         parse(&text).map_err(serde::de::Error::custom)
     }
 
+    /// The longest duration a config may hold: 100 years as humantime counts them (`100y`).
+    /// No setting means more, and the gateway turns durations into milliseconds (`i64`) and
+    /// deadlines, which overflow somewhere beyond.
+    pub const MAX: Duration = Duration::from_secs(100 * 31_557_600);
+
     pub fn parse(text: &str) -> Result<Duration, String> {
-        humantime::parse_duration(text).map_err(|err| {
+        let duration = humantime::parse_duration(text).map_err(|err| {
             format!(
                 "`{text}` is not a duration ({err}); write it like \"500ms\", \"30s\" or \"1h\""
             )
-        })
+        })?;
+        if duration > MAX {
+            return Err(format!(
+                "`{text}` is longer than 100 years (where a key allows it, write \"forever\")"
+            ));
+        }
+        Ok(duration)
     }
 
     pub mod option {
