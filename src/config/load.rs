@@ -104,6 +104,19 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 format!("broker `{}`: max_unacked must be at least 1", broker.id),
             ));
         }
+        // MQTT carries keep-alive as 16-bit seconds: rumqttc would cut 65536 s to 0 (off),
+        // and below a second it cannot be written at all.
+        if !(Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX)))
+            .contains(&broker.keep_alive)
+        {
+            return Err(invalid(
+                offset,
+                format!(
+                    "broker `{}`: keep_alive must be between 1s and 65535s (about 18h)",
+                    broker.id
+                ),
+            ));
+        }
         if brokers.iter().any(|b: &BrokerConfig| b.id == broker.id) {
             return Err(invalid(
                 offset,
@@ -731,6 +744,14 @@ mod tests {
             (
                 "[http]\nstream_buffer = 100000000000\n",
                 "test.toml:1: http.stream_buffer must be at most 65536 batches",
+            ),
+            (
+                "[[brokers]]\nid = \"b\"\nurl = \"mqtt://h:1883\"\nclient_id = \"c\"\nkeep_alive = \"65536s\"\n",
+                "test.toml:1: broker `b`: keep_alive must be between 1s and 65535s",
+            ),
+            (
+                "[[brokers]]\nid = \"b\"\nurl = \"mqtt://h:1883\"\nclient_id = \"c\"\nkeep_alive = \"500ms\"\n",
+                "test.toml:1: broker `b`: keep_alive must be between 1s and 65535s",
             ),
         ] {
             let err = parse_str(text).unwrap_err().to_string();
