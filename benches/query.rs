@@ -1,6 +1,7 @@
 //! Query benchmark: `cargo bench --bench query`.
 //!
-//! One device-day at 1 Hz (86,400 readings) and a month of 1-minute rollups (43,200 rows),
+//! One device-day at 1 Hz (86,400 readings, the last 500 not yet archived, beside a full
+//! table of recent readings of other series) and a month of 1-minute rollups (43,200 rows),
 //! each read through the query layer the CLI uses (`sensorgate query`), through the CLI
 //! process itself (CSV to /dev/null), and through the HTTP API (the whole JSON body received).
 //! Each is measured `REPS` times; the table shows medians against the budget.
@@ -12,12 +13,16 @@ use std::time::{Duration, Instant};
 use rusqlite::params;
 use sensorgate::app::Gateway;
 use sensorgate::storage::read::{Range, ReadStore, SeriesQuery};
+use sensorgate::storage::writer::ARCHIVE_AT_ROWS;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 const REPS: usize = 11;
 const DAY_MS: i64 = 86_400_000;
 const START: i64 = 1_764_000_000_000;
+/// The queried series' readings still in `readings_recent`; other series fill it up to the
+/// size at which the writer archives it, the most a query has to scan there.
+const RECENT_OF_SERIES: i64 = 500;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -31,7 +36,9 @@ async fn run() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("query.db");
     let text = format!(
-        "[storage]\npath = \"{}\"\n[http]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+        // START is a fixed day in the past: keep retention from deleting it mid-run.
+        "[storage]\npath = \"{}\"\n[storage.retention]\nreadings = \"forever\"\nrollups = \"forever\"\n\
+         [http]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
         db.display()
     );
     let config = sensorgate::config::parse(&text, Path::new("<bench>")).expect("bench config");
@@ -196,18 +203,29 @@ fn fill(db: &Path) {
     let series = tx.last_insert_rowid();
     {
         let mut insert = tx
-            .prepare("INSERT INTO readings (series_id, ts, received_at, value, flags) VALUES (?1, ?2, ?3, ?4, 0)")
+            .prepare("INSERT INTO readings_archive (series_id, ts, received_at, value, flags) VALUES (?1, ?2, ?3, ?4, 0)")
+            .expect("insert");
+        let mut recent = tx
+            .prepare("INSERT INTO readings_recent (ts, series_id, received_at, value, flags) VALUES (?1, ?2, ?3, ?4, 0)")
             .expect("insert");
         for i in 0..86_400i64 {
             let ts = START + i * 1000;
-            insert
-                .execute(params![
-                    series,
-                    ts,
-                    ts + 7,
-                    1000.0 + (i % 600) as f64 * 0.25
-                ])
-                .expect("reading");
+            let value = 1000.0 + (i % 600) as f64 * 0.25;
+            // The day's last readings are not archived yet.
+            if i < 86_400 - RECENT_OF_SERIES {
+                insert.execute(params![series, ts, ts + 7, value])
+            } else {
+                recent.execute(params![ts, series, ts + 7, value])
+            }
+            .expect("reading");
+        }
+        // The rest of a full recent table: readings of other series in the same hours.
+        let others = ARCHIVE_AT_ROWS as i64 - RECENT_OF_SERIES;
+        for i in 0..others {
+            let ts = START + DAY_MS - others * 10 + i * 10;
+            recent
+                .execute(params![ts, series + 1 + i % 99, ts, 1.0])
+                .expect("other reading");
         }
         let mut rollup = tx
             .prepare(

@@ -131,7 +131,11 @@ impl Gateway {
             stage_tx,
         ));
         pipeline.spawn(pipeline::aggregate(
-            Batcher::new(widths, storage_config.batch_size),
+            Batcher::new(
+                widths,
+                storage_config.batch_size,
+                pipeline::aggregate::ack_threshold(&config),
+            ),
             storage_config.flush_interval,
             stage_rx,
             batch_tx,

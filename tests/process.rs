@@ -85,10 +85,13 @@ async fn sigterm_commits_what_is_in_the_pipeline_and_acknowledges_it_before_exit
     let scenarios = [(&s, "pump")];
     let config = dir.path().join("gateway.toml");
     // A long flush interval holds everything in the pipeline: only the drain can commit it.
-    let text = gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios).replace(
-        "[storage]\n",
-        "[storage]\nflush_interval = \"1h\"\nbatch_size = 100000\n",
-    );
+    // (Half of max_unacked waiting would also flush: keep that above the 500 messages.)
+    let text = gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)
+        .replace(
+            "[storage]\n",
+            "[storage]\nflush_interval = \"1h\"\nbatch_size = 100000\n",
+        )
+        .replace("[[brokers]]\n", "[[brokers]]\nmax_unacked = 2000\n");
     std::fs::write(&config, &text).unwrap();
 
     let mut gateway = Gateway::start(&config);

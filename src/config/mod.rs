@@ -53,8 +53,8 @@ pub struct StorageConfig {
     pub path: std::path::PathBuf,
     /// The most readings one transaction holds.
     pub batch_size: usize,
-    /// The least time between two commits unless a batch is full; zero commits as soon as
-    /// the writer is free.
+    /// The least time between two commits, unless a batch is full or holds half of a
+    /// broker's `max_unacked`; zero commits as soon as the writer is free.
     #[serde(with = "duration")]
     pub flush_interval: Duration,
     pub synchronous: Synchronous,
@@ -71,7 +71,7 @@ impl Default for StorageConfig {
         Self {
             path: "/var/lib/sensorgate/sensorgate.db".into(),
             batch_size: 10_000,
-            flush_interval: Duration::ZERO,
+            flush_interval: Duration::from_millis(100),
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
             cache_mib: 16,

@@ -15,16 +15,33 @@ use super::validate::Checked;
 pub struct Batcher {
     widths: Vec<Millis>,
     max_readings: usize,
+    /// Unacknowledged messages that make a batch worth committing without waiting for the
+    /// flush interval: see [`ack_threshold`].
+    ack_threshold: usize,
     batch: Batch,
     keys: FastSet<(SeriesKey, Millis)>,
 }
 
+/// Half the smallest `max_unacked` of the config's brokers. A broker sends nothing more
+/// once that many of its messages wait for their commit, so a batch holding half of them
+/// goes to the writer at once, and the other half can arrive while it commits.
+pub fn ack_threshold(config: &Config) -> usize {
+    config
+        .brokers
+        .iter()
+        .map(|b| usize::from(b.max_unacked) / 2)
+        .min()
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
 impl Batcher {
-    pub fn new(widths: Vec<Millis>, max_readings: usize) -> Self {
+    pub fn new(widths: Vec<Millis>, max_readings: usize, ack_threshold: usize) -> Self {
         Self {
             batch: empty(&widths),
             widths,
             max_readings,
+            ack_threshold,
             keys: FastSet::default(),
         }
     }
@@ -56,6 +73,7 @@ impl Batcher {
 
     /// A reloaded config, applied by the writer before this batch's rows.
     pub fn push_reconfigure(&mut self, config: Arc<Config>) {
+        self.ack_threshold = ack_threshold(&config);
         self.batch.reconfigure = Some(config);
     }
 
@@ -74,6 +92,12 @@ impl Batcher {
     pub fn is_full(&self) -> bool {
         self.batch.readings.len() + self.batch.rejections.len() >= self.max_readings
             || self.batch.tickets.len() >= self.max_readings
+    }
+
+    /// Enough of its messages wait for acknowledgement that a broker may be holding back
+    /// more until they are committed.
+    pub fn holds_up_acks(&self) -> bool {
+        self.batch.tickets.len() >= self.ack_threshold
     }
 
     pub fn take(&mut self) -> Batch {
@@ -119,7 +143,7 @@ mod tests {
 
     #[test]
     fn duplicate_keys_in_one_batch_are_counted_not_stored() {
-        let mut b = Batcher::new(vec![60_000], 100);
+        let mut b = Batcher::new(vec![60_000], 100, usize::MAX);
         let d = DeviceId::new("d");
         for _ in 0..2 {
             b.push(
@@ -142,7 +166,7 @@ mod tests {
 
     #[test]
     fn rollup_cells_cover_each_window() {
-        let mut b = Batcher::new(vec![60_000, 3_600_000], 100);
+        let mut b = Batcher::new(vec![60_000, 3_600_000], 100, usize::MAX);
         let d = DeviceId::new("d");
         let readings = vec![
             reading(59_000, 3.0),
@@ -180,8 +204,25 @@ mod tests {
     }
 
     #[test]
+    fn the_ack_threshold_is_half_the_smallest_unacked_window() {
+        let config = |windows: &[u16]| {
+            let brokers: String = windows
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    format!("[[brokers]]\nid = \"b{i}\"\nurl = \"mqtt://h\"\nclient_id = \"c{i}\"\nmax_unacked = {w}\n")
+                })
+                .collect();
+            crate::config::parse(&brokers, std::path::Path::new("t.toml")).unwrap()
+        };
+        assert_eq!(ack_threshold(&config(&[1000, 300])), 150);
+        assert_eq!(ack_threshold(&config(&[1])), 1);
+        assert_eq!(ack_threshold(&config(&[])), usize::MAX);
+    }
+
+    #[test]
     fn is_full_at_the_configured_size() {
-        let mut b = Batcher::new(vec![60_000], 2);
+        let mut b = Batcher::new(vec![60_000], 2, usize::MAX);
         let d = DeviceId::new("d");
         b.push(
             &d,

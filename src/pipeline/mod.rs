@@ -114,9 +114,10 @@ pub async fn validate(
     }
 }
 
-/// Gathers checked messages into batches. A batch goes to the writer as soon as the writer
-/// can take it (group commit), but not sooner than `flush_interval` after the previous one
-/// unless it is full.
+/// Gathers checked messages into batches. A batch goes to the writer when the writer can
+/// take it (group commit) and either `flush_interval` has passed since the previous one, or
+/// it is full, or it holds enough unacknowledged messages that a broker may be waiting for
+/// their commit before it sends more.
 pub async fn aggregate(
     mut batcher: Batcher,
     flush_interval: Duration,
@@ -128,7 +129,8 @@ pub async fn aggregate(
     let mut items = Vec::with_capacity(RECV_BURST);
     while open {
         let due = last_flush + flush_interval;
-        let may_flush = !batcher.is_empty() && (batcher.is_full() || Instant::now() >= due);
+        let may_flush = !batcher.is_empty()
+            && (batcher.is_full() || batcher.holds_up_acks() || Instant::now() >= due);
         let waiting_for_due = !batcher.is_empty() && !may_flush;
         tokio::select! {
             biased;
@@ -159,5 +161,67 @@ pub async fn aggregate(
     }
     if !batcher.is_empty() && output.send(batcher.take()).await.is_err() {
         tracing::error!("Writer gone before the last batch");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::validate::Checked;
+    use crate::reading::Settle;
+
+    struct Ignore;
+    impl Settle for Ignore {
+        fn settle(&self, _: u64, _: u64) {}
+        fn abandon(&self, _: u64, _: u64) {}
+    }
+
+    fn message(seq: u64) -> Stage {
+        Stage::Message {
+            device: DeviceId::new("d"),
+            checked: Checked::default(),
+            ticket: Some(Ticket::new(Arc::new(Ignore), 0, seq)),
+        }
+    }
+
+    /// After a first batch, feeds `messages` unacknowledged messages to an aggregate stage
+    /// with a 10 s flush interval that flushes at once for 4 of them; returns how long the
+    /// next batch took and its size.
+    async fn next_batch_after(messages: u64) -> (Duration, usize) {
+        let (stages, input) = mpsc::channel(16);
+        let (output, mut batches) = mpsc::channel(1);
+        tokio::spawn(aggregate(
+            Batcher::new(vec![60_000], 1000, 4),
+            Duration::from_secs(10),
+            input,
+            output,
+        ));
+        stages.send(message(0)).await.unwrap();
+        let first = batches.recv().await.unwrap();
+        assert_eq!(first.tickets.len(), 1);
+        let started = Instant::now();
+        for seq in 1..=messages {
+            stages.send(message(seq)).await.unwrap();
+        }
+        let batch = batches.recv().await.unwrap();
+        let tickets = batch.tickets.len();
+        for ticket in batch.tickets.into_iter().chain(first.tickets) {
+            ticket.settle();
+        }
+        (started.elapsed(), tickets)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_holding_half_the_unacked_window_goes_before_the_flush_interval() {
+        let (waited, tickets) = next_batch_after(4).await;
+        assert_eq!(tickets, 4);
+        assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fewer_unacknowledged_messages_wait_for_the_flush_interval() {
+        let (waited, tickets) = next_batch_after(3).await;
+        assert_eq!(tickets, 3);
+        assert!(waited >= Duration::from_secs(10), "waited {waited:?}");
     }
 }

@@ -4,6 +4,7 @@
 //! Readers ([`read::ReadStore`]) open the file read-only; WAL lets them run while the writer
 //! commits.
 
+mod multirow;
 pub mod read;
 pub mod writer;
 
@@ -155,9 +156,10 @@ pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, Stor
         })
         .busy_timeout(config.busy_timeout)
         .foreign_keys(false)
-        // Enough for every statement shape the writer uses (see writer::CHUNK_SIZES); more
-        // would only hold memory for statements that are never run again.
-        .statement_cache_capacity(64)
+        // Enough for every statement shape the writer uses (five multi-row statements in
+        // each of multirow::CHUNK_SIZES, and a dozen others); more would only hold memory for
+        // statements that are never run again.
+        .statement_cache_capacity(80)
         // Negative: a size in KiB rather than in pages.
         .pragma(
             "cache_size",
@@ -165,7 +167,10 @@ pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, Stor
         )
         // Checkpoint every 32 MiB of WAL rather than 4: pages every batch touches (the last
         // leaf of each series, the current rollups) are copied back once, not once per 4 MiB.
-        .pragma("wal_autocheckpoint", "8192");
+        .pragma("wal_autocheckpoint", "8192")
+        // Moving recent readings into the archive sorts them by series; in memory rather
+        // than through a temporary file that would be written and read back each time.
+        .pragma("temp_store", "memory");
     let pool = SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(1)

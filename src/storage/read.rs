@@ -194,7 +194,7 @@ impl ReadStore {
         let first = connect(path)?;
         let tables: i64 = first
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('devices', 'readings')",
+                "SELECT count(*) FROM sqlite_master WHERE type IN ('table', 'view') AND name IN ('devices', 'readings')",
                 [],
                 |r| r.get(0),
             )
@@ -442,11 +442,22 @@ pub fn last_values(
     conn: &Connection,
     device: Option<&str>,
 ) -> Result<Vec<LastValue>, StorageError> {
+    // The newest time per series: from the archive by key, from the few recent readings
+    // by one scan (the recent table is keyed by time, so a lookup per series would scan it
+    // once per series).
     let mut stmt = conn.prepare_cached(
-        "SELECT d.name, s.metric, s.unit, r.ts, r.value FROM series s \
+        "WITH newest (series_id, ts) AS ( \
+             SELECT series_id, max(ts) FROM ( \
+                 SELECT s.id AS series_id, \
+                        (SELECT max(ts) FROM readings_archive WHERE series_id = s.id) AS ts \
+                 FROM series s \
+                 UNION ALL \
+                 SELECT series_id, max(ts) FROM readings_recent GROUP BY series_id) \
+             WHERE ts IS NOT NULL GROUP BY series_id) \
+         SELECT d.name, s.metric, s.unit, r.ts, r.value FROM newest n \
+         JOIN series s ON s.id = n.series_id \
          JOIN devices d ON d.id = s.device_id \
-         JOIN readings r ON r.series_id = s.id \
-              AND r.ts = (SELECT max(ts) FROM readings WHERE series_id = s.id) \
+         JOIN readings r ON r.series_id = n.series_id AND r.ts = n.ts \
          WHERE ?1 IS NULL OR d.name = ?1 ORDER BY d.name, s.metric",
     )?;
     let rows = stmt.query_map([device], |r| {

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqlitePool;
-use sqlx::{Connection as _, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{Connection as _, Row, Sqlite, SqliteConnection};
 use tokio::sync::{broadcast, mpsc};
 
+use super::multirow::{MultiRow, chunks};
 use super::{Batch, StorageError};
 use crate::config::{Config, RetentionConfig};
 use crate::reading::{
@@ -18,10 +19,60 @@ use crate::reading::{
 };
 use crate::telemetry::{SourceCounters, Telemetry};
 
-/// Rows per multi-row statement, largest first: one statement per row is about 100 times
-/// slower. A batch is cut into chunks of these sizes only, so the few statement shapes stay
-/// prepared in the connection's cache instead of one new statement per batch.
-const CHUNK_SIZES: [usize; 4] = [1024, 128, 16, 1];
+/// Rows `readings_recent` gathers before the writer moves them into `readings_archive`. A
+/// move rewrites the last pages of every series once, so the more rows per series it
+/// carries the less it writes per reading; queries scan what is recent by time, so this
+/// also bounds what they read there.
+pub const ARCHIVE_AT_ROWS: u64 = 32_768;
+/// New readings into `readings_recent`, unless either table holds their key.
+static INSERT_READINGS: MultiRow = MultiRow::new(
+    "INSERT INTO readings_recent (ts, series_id, received_at, value, flags) \
+     SELECT column1, column2, column3, column4, column5 FROM (",
+    5,
+    ") AS v WHERE NOT EXISTS (SELECT 1 FROM readings_archive a \
+     WHERE a.series_id = v.column2 AND a.ts = v.column1) ON CONFLICT DO NOTHING",
+);
+/// As [`INSERT_READINGS`], naming the rows it inserted.
+static INSERT_READINGS_RETURNING: MultiRow = MultiRow::new(
+    "INSERT INTO readings_recent (ts, series_id, received_at, value, flags) \
+     SELECT column1, column2, column3, column4, column5 FROM (",
+    5,
+    ") AS v WHERE NOT EXISTS (SELECT 1 FROM readings_archive a \
+     WHERE a.series_id = v.column2 AND a.ts = v.column1) ON CONFLICT DO NOTHING \
+     RETURNING series_id, ts",
+);
+static INSERT_REJECTIONS: MultiRow = MultiRow::new(
+    "INSERT INTO rejections (received_at, device_id, source, reason, detail, raw)",
+    6,
+    "",
+);
+/// Merges a batch's rollup cells into the stored ones: what `RollupCell::merge` does.
+static UPSERT_ROLLUPS: MultiRow = MultiRow::new(
+    "INSERT INTO rollups (series_id, width_ms, bucket, n, min_v, max_v, sum_v, \
+     first_ts, first_v, last_ts, last_v)",
+    11,
+    " ON CONFLICT (series_id, width_ms, bucket) DO UPDATE SET \
+     n = n + excluded.n, \
+     min_v = min(min_v, excluded.min_v), \
+     max_v = max(max_v, excluded.max_v), \
+     sum_v = sum_v + excluded.sum_v, \
+     first_ts = CASE WHEN excluded.first_ts < first_ts THEN excluded.first_ts ELSE first_ts END, \
+     first_v = CASE WHEN excluded.first_ts < first_ts THEN excluded.first_v ELSE first_v END, \
+     last_ts = CASE WHEN excluded.last_ts > last_ts THEN excluded.last_ts ELSE last_ts END, \
+     last_v = CASE WHEN excluded.last_ts > last_ts THEN excluded.last_v ELSE last_v END",
+);
+/// Adds a batch's per-device counters to `devices`.
+static UPDATE_DEVICES: MultiRow = MultiRow::new(
+    "UPDATE devices SET \
+     last_seen = CASE WHEN d.column2 > 0 THEN max(coalesce(devices.last_seen, 0), d.column2) \
+                 ELSE devices.last_seen END, \
+     readings = readings + d.column3, rejections = rejections + d.column4, \
+     duplicates = duplicates + d.column5, dropped = dropped + d.column6, \
+     reconnects = reconnects + d.column7, timeouts = timeouts + d.column8, \
+     crc_errors = crc_errors + d.column9, exceptions = exceptions + d.column10 FROM (",
+    10,
+    ") AS d WHERE devices.id = d.column1",
+);
 /// Between retries of a batch whose transaction failed (disk full, database locked).
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -58,6 +109,10 @@ pub struct Writer {
     drop_counters: Vec<(i64, Arc<SourceCounters>)>,
     retention: RetentionConfig,
     retention_cursor: i64,
+    /// Rows in `readings_recent`, as of the last commit.
+    recent_rows: u64,
+    /// Move `readings_recent` into the archive once it holds this many rows.
+    archive_at_rows: u64,
     telemetry: Arc<Telemetry>,
     /// Readings just committed, for live-stream clients; a slow client skips, the writer
     /// never waits.
@@ -84,11 +139,24 @@ impl Writer {
             drop_counters: Vec::new(),
             retention,
             retention_cursor: 0,
+            recent_rows: 0,
+            archive_at_rows: ARCHIVE_AT_ROWS,
             telemetry,
             live,
         };
+        let recent: i64 = sqlx::query_scalar("SELECT count(*) FROM readings_recent")
+            .fetch_one(&writer.pool)
+            .await?;
+        writer.recent_rows = recent as u64;
         writer.register(entries).await?;
         Ok(writer)
+    }
+
+    /// Moves recent readings into the archive once `rows` of them gather, instead of
+    /// [`ARCHIVE_AT_ROWS`]: for tests that want moves between small batches.
+    pub fn archive_at_rows(mut self, rows: u64) -> Self {
+        self.archive_at_rows = rows.max(1);
+        self
     }
 
     /// Registers devices (state `starting`) in one transaction; a known one gets its new
@@ -176,7 +244,12 @@ impl Writer {
         loop {
             tokio::select! {
                 batch = input.recv() => match batch {
-                    Some(batch) => self.commit_with_retry(batch).await,
+                    Some(batch) => {
+                        self.commit_with_retry(batch).await;
+                        if self.recent_rows >= self.archive_at_rows {
+                            self.archive_recent().await;
+                        }
+                    }
                     None => break,
                 },
                 _ = retention_tick.tick() => {
@@ -190,6 +263,34 @@ impl Writer {
             tracing::warn!(error = %err, "Could not mark devices stopped");
         }
         self.pool.close().await;
+    }
+
+    /// Moves every row of `readings_recent` into `readings_archive` in one transaction. A
+    /// failure (a full disk) leaves both as they were: the rows stay recent and the move is
+    /// tried again after the next commit.
+    async fn archive_recent(&mut self) {
+        let started = std::time::Instant::now();
+        let mut conn = match self.pool.acquire().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "Cannot archive recent readings; retrying after the next commit");
+                return;
+            }
+        };
+        match move_recent_rows(&mut conn).await {
+            Ok(moved) => {
+                tracing::debug!(
+                    rows = moved,
+                    micros = started.elapsed().as_micros() as u64,
+                    "Recent readings archived"
+                );
+                self.recent_rows = 0;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "Cannot archive recent readings; retrying after the next commit");
+                discard(conn).await;
+            }
+        }
     }
 
     /// Commits `batch`, retrying with backoff until it succeeds, then settles its tickets
@@ -215,6 +316,7 @@ impl Writer {
                     Ok(new_keys) => {
                         let took = started.elapsed();
                         let stored = self.publish(&batch, new_keys.as_ref());
+                        self.recent_rows += stored;
                         self.telemetry.writer.record_commit(
                             took,
                             stored,
@@ -369,12 +471,15 @@ impl Writer {
             .iter()
             .map(|r| (self.ids(r).series, r))
             .collect();
-        rows.sort_unstable_by_key(|(series, r)| (*series, r.time));
+        rows.sort_unstable_by_key(|(series, r)| (r.time, *series));
         let new_keys: Option<HashSet<(i64, Millis)>> = if exact {
             let mut keys = HashSet::new();
             for chunk in chunks(&rows) {
-                let mut query = Self::insert_readings(chunk, " RETURNING series_id, ts");
-                for row in query.build().fetch_all(&mut *tx).await? {
+                for row in INSERT_READINGS_RETURNING
+                    .query(chunk, bind_reading)?
+                    .fetch_all(&mut *tx)
+                    .await?
+                {
                     keys.insert((row.get(0), row.get(1)));
                 }
             }
@@ -382,8 +487,11 @@ impl Writer {
         } else {
             let mut stored = 0;
             for chunk in chunks(&rows) {
-                let mut query = Self::insert_readings(chunk, "");
-                stored += query.build().execute(&mut *tx).await?.rows_affected();
+                stored += INSERT_READINGS
+                    .query(chunk, bind_reading)?
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
             }
             if stored != batch.readings.len() as u64 {
                 tx.rollback().await?;
@@ -421,18 +529,17 @@ impl Writer {
             .await?;
 
         for chunk in chunks(&batch.rejections) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO rejections (received_at, device_id, source, reason, detail, raw) ",
-            );
-            query.push_values(chunk, |mut row, r| {
-                row.push_bind(r.received_at)
-                    .push_bind(r.device.as_ref().and_then(|d| self.devices.get(d)).copied())
-                    .push_bind(&*r.source)
-                    .push_bind(r.reason.as_str())
-                    .push_bind(r.detail.as_str())
-                    .push_bind(&*r.raw);
-            });
-            query.build().execute(&mut *tx).await?;
+            INSERT_REJECTIONS
+                .query(chunk, |row, r| {
+                    row.bind(r.received_at)
+                        .bind(r.device.as_ref().and_then(|d| self.devices.get(d)).copied())
+                        .bind(&*r.source)
+                        .bind(r.reason.as_str())
+                        .bind(r.detail.as_str())
+                        .bind(&*r.raw);
+                })?
+                .execute(&mut *tx)
+                .await?;
         }
         for rejection in &batch.rejections {
             if let Some(id) = rejection.device.as_ref().and_then(|d| self.devices.get(d)) {
@@ -476,22 +583,6 @@ impl Writer {
     /// runs first in the batch's transaction.
     fn ids(&self, reading: &Reading) -> SeriesIds {
         self.series[reading.series.key().0 as usize].expect("ensure_series ran for this batch")
-    }
-
-    /// `INSERT ... ON CONFLICT DO NOTHING` for `chunk`, followed by `tail`.
-    fn insert_readings(chunk: &[(i64, &Reading)], tail: &str) -> QueryBuilder<Sqlite> {
-        let mut query =
-            QueryBuilder::new("INSERT INTO readings (series_id, ts, received_at, value, flags) ");
-        query.push_values(chunk, |mut row, (series, r)| {
-            row.push_bind(*series)
-                .push_bind(r.time)
-                .push_bind(r.received_at)
-                .push_bind(r.value)
-                .push_bind(i64::from(r.flags.0));
-        });
-        query.push(" ON CONFLICT DO NOTHING");
-        query.push(tail);
-        query
     }
 
     /// Gives every series in `readings` an id, inserting the new ones, and records in `added`
@@ -544,35 +635,22 @@ impl Writer {
             })
             .collect();
         for chunk in chunks(&cells) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO rollups (series_id, width_ms, bucket, n, min_v, max_v, sum_v, \
-                 first_ts, first_v, last_ts, last_v) ",
-            );
-            query.push_values(chunk, |mut row, ((series, width, bucket), cell)| {
-                row.push_bind(*series)
-                    .push_bind(*width)
-                    .push_bind(*bucket)
-                    .push_bind(cell.count)
-                    .push_bind(cell.min)
-                    .push_bind(cell.max)
-                    .push_bind(cell.sum)
-                    .push_bind(cell.first_time)
-                    .push_bind(cell.first)
-                    .push_bind(cell.last_time)
-                    .push_bind(cell.last);
-            });
-            query.push(
-                " ON CONFLICT (series_id, width_ms, bucket) DO UPDATE SET \
-                 n = n + excluded.n, \
-                 min_v = min(min_v, excluded.min_v), \
-                 max_v = max(max_v, excluded.max_v), \
-                 sum_v = sum_v + excluded.sum_v, \
-                 first_ts = CASE WHEN excluded.first_ts < first_ts THEN excluded.first_ts ELSE first_ts END, \
-                 first_v = CASE WHEN excluded.first_ts < first_ts THEN excluded.first_v ELSE first_v END, \
-                 last_ts = CASE WHEN excluded.last_ts > last_ts THEN excluded.last_ts ELSE last_ts END, \
-                 last_v = CASE WHEN excluded.last_ts > last_ts THEN excluded.last_v ELSE last_v END",
-            );
-            query.build().execute(&mut *tx).await?;
+            UPSERT_ROLLUPS
+                .query(chunk, |row, ((series, width, bucket), cell)| {
+                    row.bind(*series)
+                        .bind(*width)
+                        .bind(*bucket)
+                        .bind(cell.count)
+                        .bind(cell.min)
+                        .bind(cell.max)
+                        .bind(cell.sum)
+                        .bind(cell.first_time)
+                        .bind(cell.first)
+                        .bind(cell.last_time)
+                        .bind(cell.last);
+                })?
+                .execute(&mut *tx)
+                .await?;
         }
         Ok(())
     }
@@ -598,8 +676,8 @@ impl Writer {
                     break;
                 }
                 let done = sqlx::query(
-                    "DELETE FROM readings WHERE series_id = ?1 AND ts IN \
-                     (SELECT ts FROM readings WHERE series_id = ?1 AND ts < ?2 ORDER BY ts LIMIT ?3)",
+                    "DELETE FROM readings_archive WHERE series_id = ?1 AND ts IN \
+                     (SELECT ts FROM readings_archive WHERE series_id = ?1 AND ts < ?2 ORDER BY ts LIMIT ?3)",
                 )
                 .bind(id)
                 .bind(cutoff)
@@ -608,6 +686,17 @@ impl Writer {
                 .await?;
                 budget -= done.rows_affected() as i64;
                 self.retention_cursor = *id;
+            }
+            if budget > 0 {
+                let done = sqlx::query(
+                    "DELETE FROM readings_recent WHERE (ts, series_id) IN \
+                     (SELECT ts, series_id FROM readings_recent WHERE ts < ?1 ORDER BY ts LIMIT ?2)",
+                )
+                .bind(cutoff)
+                .bind(budget)
+                .execute(&self.pool)
+                .await?;
+                self.recent_rows = self.recent_rows.saturating_sub(done.rows_affected());
             }
         }
         if let Some(cutoff) = cutoff(self.retention.rollups) {
@@ -677,6 +766,35 @@ async fn discard(conn: PoolConnection<Sqlite>) {
     }
 }
 
+/// One reading's values in [`INSERT_READINGS`]' column order.
+fn bind_reading(row: &mut super::multirow::Binder, (series, r): &(i64, &Reading)) {
+    row.bind(r.time)
+        .bind(*series)
+        .bind(r.received_at)
+        .bind(r.value)
+        .bind(i64::from(r.flags.0));
+}
+
+/// Moves `readings_recent` into `readings_archive`, in series order so each series' rows
+/// are appended together; returns how many rows moved. No key can be in both tables (the
+/// insert into `readings_recent` checks the archive), so nothing conflicts.
+async fn move_recent_rows(conn: &mut SqliteConnection) -> Result<u64, StorageError> {
+    let mut tx = conn.begin().await?;
+    let moved = sqlx::query(
+        "INSERT INTO readings_archive (series_id, ts, received_at, value, flags) \
+         SELECT series_id, ts, received_at, value, flags FROM readings_recent \
+         ORDER BY series_id, ts",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query("DELETE FROM readings_recent")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(moved)
+}
+
 /// Upserts device rows; their ids in order.
 async fn register_rows(
     conn: &mut SqliteConnection,
@@ -730,56 +848,21 @@ async fn update_devices(
 ) -> Result<(), StorageError> {
     let deltas: Vec<_> = deltas.iter().collect();
     for chunk in chunks(&deltas) {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "UPDATE devices SET \
-             last_seen = CASE WHEN d.column2 > 0 THEN max(coalesce(devices.last_seen, 0), d.column2) \
-                         ELSE devices.last_seen END, \
-             readings = readings + d.column3, rejections = rejections + d.column4, \
-             duplicates = duplicates + d.column5, dropped = dropped + d.column6, \
-             reconnects = reconnects + d.column7, timeouts = timeouts + d.column8, \
-             crc_errors = crc_errors + d.column9, exceptions = exceptions + d.column10 FROM (",
-        );
-        query.push_values(chunk, |mut row, (id, delta)| {
-            row.push_bind(**id)
-                .push_bind(delta.last_seen)
-                .push_bind(delta.readings as i64)
-                .push_bind(delta.rejections as i64)
-                .push_bind(delta.duplicates as i64)
-                .push_bind(delta.dropped as i64)
-                .push_bind(delta.faults.reconnects as i64)
-                .push_bind(delta.faults.timeouts as i64)
-                .push_bind(delta.faults.crc_errors as i64)
-                .push_bind(delta.faults.exceptions as i64);
-        });
-        query.push(") AS d WHERE devices.id = d.column1");
-        query.build().execute(&mut *tx).await?;
+        UPDATE_DEVICES
+            .query(chunk, |row, (id, delta)| {
+                row.bind(**id)
+                    .bind(delta.last_seen)
+                    .bind(delta.readings as i64)
+                    .bind(delta.rejections as i64)
+                    .bind(delta.duplicates as i64)
+                    .bind(delta.dropped as i64)
+                    .bind(delta.faults.reconnects as i64)
+                    .bind(delta.faults.timeouts as i64)
+                    .bind(delta.faults.crc_errors as i64)
+                    .bind(delta.faults.exceptions as i64);
+            })?
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
-}
-
-/// `items` in chunks of [`CHUNK_SIZES`], largest first.
-fn chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        let size = CHUNK_SIZES.into_iter().find(|&size| size <= rest.len())?;
-        let (chunk, tail) = rest.split_at(size);
-        rest = tail;
-        Some(chunk)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_use_only_the_fixed_sizes_and_cover_everything() {
-        for n in [0, 1, 15, 16, 17, 1000, 1024, 2500, 10_000] {
-            let items: Vec<usize> = (0..n).collect();
-            let parts: Vec<&[usize]> = chunks(&items).collect();
-            assert!(parts.iter().all(|p| CHUNK_SIZES.contains(&p.len())), "{n}");
-            assert_eq!(parts.concat(), items, "{n}");
-        }
-        assert_eq!(chunks(&[0u8; 2500]).count(), 2 + 3 + 4 + 4);
-    }
 }
