@@ -1,35 +1,35 @@
 //! End-to-end ingest benchmark: `cargo bench --bench ingest`.
 //!
-//! In one run, against one private Mosquitto, for QoS 0 and QoS 1:
+//! Against one private Mosquitto, for QoS 0 and QoS 1, alternating `REPS` times:
 //! - the broker's ceiling: a subscriber that only counts, fed by the same publisher;
-//! - the gateway: every message decoded, validated, committed to SQLite (synchronous=FULL,
-//!   WAL) with rollups, and at QoS 1 acknowledged after commit.
+//! - the gateway: the `sensorgate run` binary as its own process, as systemd runs it, with
+//!   the default config but for the devices; every message decoded, validated and committed
+//!   to SQLite (synchronous=FULL, WAL) with rollups, and at QoS 1 acknowledged after commit.
 //!
-//! Each is measured `REPS` times, alternating, and the median is reported with the ratio.
-//! Set `BENCH_MESSAGES` to change the message count per run.
+//! Rates run from the first publish to the last delivery (ceiling) or the last commit
+//! (gateway); the table shows medians, their ratio, and the gateway process's CPU per
+//! message and peak resident memory. Then the efficiency budget: a steady 5,000 msg/s at
+//! QoS 1 from 100 devices for 10 s, with the gateway's share of one core and its peak RSS.
+//!
+//! `BENCH_MESSAGES` sets the messages per run (default 200,000), `BENCH_QOS` runs one level.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use sensorgate::app::Gateway;
 use sensorgate_sim::{Format, Mosquitto, Pace, Planned, Scenario, publish};
+use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use tokio_util::sync::CancellationToken;
 
 const REPS: usize = 5;
 const DEVICES: usize = 100;
+const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttc=off")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,11 +41,12 @@ async fn run() {
     let messages: u64 = std::env::var("BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(200_000);
     let only: Option<u8> = std::env::var("BENCH_QOS").ok().and_then(|v| v.parse().ok());
     let mosquitto = Mosquitto::start();
     println!(
-        "ingest benchmark: {messages} JSON messages per run from {DEVICES} devices, median of {REPS}, Mosquitto on 127.0.0.1:{}",
+        "ingest benchmark: {messages} JSON messages (2 readings each) per run from {DEVICES} devices, \
+         median of {REPS}, Mosquitto on 127.0.0.1:{}",
         mosquitto.port
     );
     let mut rows = Vec::new();
@@ -57,27 +58,58 @@ async fn run() {
         let mut gateway = Vec::new();
         for rep in 0..REPS {
             let prefix = format!("bench{qos}r{rep}");
-            let plan = plan(&prefix, messages);
+            let plan = scenario(&prefix, messages).messages().collect::<Vec<_>>();
             ceiling.push(broker_ceiling(mosquitto.port, &prefix, &plan, qos).await);
             let prefix = format!("bench{qos}g{rep}");
-            let plan = plan_for(&prefix, messages);
-            gateway.push(gateway_rate(mosquitto.port, &prefix, plan, qos).await);
+            let run = gateway_run(
+                mosquitto.port,
+                &scenario(&prefix, messages),
+                Pace::Unlimited,
+                qos,
+            )
+            .await;
             eprintln!(
-                "  qos {qos} rep {rep}: broker {:.0}/s, gateway {:.0}/s",
-                ceiling[rep], gateway[rep]
+                "  qos {qos} rep {rep}: broker {:.0}/s, gateway {:.0}/s, {:.2} µs CPU/msg, {:.1} MiB",
+                ceiling[rep], run.rate, run.cpu_per_message, run.peak_rss_mib
             );
+            gateway.push(run);
         }
-        let (c, g) = (median(&mut ceiling), median(&mut gateway));
-        rows.push((qos, c, g));
+        let c = median(ceiling.iter().copied());
+        let g = median(gateway.iter().map(|r| r.rate));
+        let cpu = median(gateway.iter().map(|r| r.cpu_per_message));
+        let rss = median(gateway.iter().map(|r| r.peak_rss_mib));
+        rows.push((qos, c, g, cpu, rss));
     }
     println!();
-    println!("| QoS | broker ceiling (msg/s) | gateway into SQLite (msg/s) | ratio |");
-    println!("|----:|-----------------------:|----------------------------:|------:|");
-    for (qos, c, g) in rows {
-        println!("| {qos} | {c:.0} | {g:.0} | {:.2} |", g / c);
+    println!(
+        "| QoS | broker ceiling (msg/s) | gateway into SQLite (msg/s) | ratio | gateway CPU per message (µs) | gateway peak RSS (MiB) |"
+    );
+    println!("|----:|---:|---:|---:|---:|---:|");
+    for (qos, c, g, cpu, rss) in rows {
+        println!(
+            "| {qos} | {c:.0} | {g:.0} | {:.2} | {cpu:.2} | {rss:.1} |",
+            g / c
+        );
+    }
+
+    if only.is_none() {
+        let steady = scenario("steady", 50_000);
+        let run = gateway_run(mosquitto.port, &steady, Pace::Steady(5_000.0), 1).await;
+        println!();
+        println!(
+            "| steady load | gateway CPU (% of one core) | budget | peak RSS (MiB) | budget |"
+        );
+        println!("|---|---:|---:|---:|---:|");
+        println!(
+            "| 5,000 msg/s, QoS 1, {DEVICES} devices, 10 s | {:.1} | 8 | {:.1} | 12 |",
+            run.cpu_share * 100.0,
+            run.peak_rss_mib
+        );
     }
 }
 
+/// `messages` JSON messages from [`DEVICES`] devices, timestamped 10 ms apart per device
+/// from a day ago, so none is too far in the future for validation however long it runs.
 fn scenario(prefix: &str, messages: u64) -> Scenario {
     Scenario {
         devices: DEVICES,
@@ -88,16 +120,6 @@ fn scenario(prefix: &str, messages: u64) -> Scenario {
         start_ms: sensorgate::reading::now_millis() - 86_400_000,
         period_ms: 10,
     }
-}
-
-fn plan(prefix: &str, messages: u64) -> Vec<Planned> {
-    scenario(prefix, messages).messages().collect()
-}
-
-fn plan_for(prefix: &str, messages: u64) -> (Scenario, Vec<Planned>) {
-    let s = scenario(prefix, messages);
-    let plan = s.messages().collect();
-    (s, plan)
 }
 
 /// Messages per second from the first publish to the last delivery to a counting subscriber.
@@ -155,34 +177,34 @@ async fn broker_ceiling(port: u16, prefix: &str, plan: &[Planned], qos: u8) -> f
     want as f64 / (end - start).as_secs_f64()
 }
 
-/// Messages per second from the first publish until every reading is committed.
-async fn gateway_rate(
-    port: u16,
-    prefix: &str,
-    (scenario, plan): (Scenario, Vec<Planned>),
-    qos: u8,
-) -> f64 {
+/// One run of the gateway process over `scenario`.
+struct GatewayRun {
+    /// Messages per second from the first publish until every reading was committed.
+    rate: f64,
+    cpu_per_message: f64,
+    /// CPU time over wall time while the messages came in.
+    cpu_share: f64,
+    peak_rss_mib: f64,
+}
+
+async fn gateway_run(port: u16, scenario: &Scenario, pace: Pace, qos: u8) -> GatewayRun {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("bench.db");
     let mut text = format!(
-        "[storage]\npath = \"{}\"\n[storage.retention]\ninterval = \"1h\"\n\
-         [[brokers]]\nid = \"bench\"\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"{prefix}-gateway\"\n\n",
-        db.display()
+        "[storage]\npath = \"{}\"\n\n[[brokers]]\nid = \"bench\"\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+         client_id = \"{}-gateway\"\n\n",
+        db.display(),
+        scenario.topic_prefix
     );
-    text.push_str(&sensorgate::demo::device_config(&scenario, "dev", "bench"));
+    text.push_str(&sensorgate::demo::device_config(scenario, "dev", "bench"));
     let text = text.replace(
         "format = \"json\"",
         &format!("format = \"json\"\nqos = {qos}"),
     );
-    let config = sensorgate::config::parse(&text, Path::new("<bench>")).expect("bench config");
-    let gateway = Gateway::build(config).await.expect("gateway");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(SqliteConnectOptions::new().filename(&db).read_only(true))
-        .await
-        .expect("read pool");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, text).expect("config");
+    let mut gateway = Process::start(&config, &dir.path().join("gateway.log"));
+    let pool = read_pool(&db).await;
     wait(|| async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM devices WHERE state = 'connected'")
             .fetch_one(&pool)
@@ -191,34 +213,151 @@ async fn gateway_rate(
             == DEVICES as i64
     })
     .await;
-    let want = plan.len() as i64 * 2;
+    let want = scenario.total_messages() as i64 * 2;
+    let client_id = format!("{}-pub", scenario.topic_prefix);
+    let plan: Vec<Planned> = scenario.messages().collect();
+    let cpu_before = gateway.cpu_time();
     let start = Instant::now();
-    publish(
-        "127.0.0.1",
-        port,
-        &format!("{prefix}-pub"),
-        plan.into_iter(),
-        Pace::Unlimited,
-        qos,
-        CancellationToken::new(),
-    )
-    .await
-    .expect("publisher");
-    wait(|| async {
-        sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(readings), 0) FROM devices")
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(0)
-            >= want
+    let publishing = tokio::spawn(async move {
+        publish(
+            "127.0.0.1",
+            port,
+            &client_id,
+            plan.into_iter(),
+            pace,
+            qos,
+            CancellationToken::new(),
+        )
+        .await
+    });
+    let mut peak_rss = 0u64;
+    wait(|| {
+        peak_rss = peak_rss.max(gateway.rss_kib());
+        async {
+            sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(readings), 0) FROM devices")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0)
+                >= want
+        }
     })
     .await;
     let elapsed = start.elapsed();
-    shutdown.cancel();
-    running
+    let cpu = gateway.cpu_time() - cpu_before;
+    publishing
         .await
-        .expect("gateway task")
-        .expect("gateway drains");
-    (want / 2) as f64 / elapsed.as_secs_f64()
+        .expect("publisher task")
+        .expect("publisher");
+    pool.close().await;
+    gateway.stop();
+    let messages = scenario.total_messages() as f64;
+    GatewayRun {
+        rate: messages / elapsed.as_secs_f64(),
+        cpu_per_message: cpu.as_secs_f64() * 1e6 / messages,
+        cpu_share: cpu.as_secs_f64() / elapsed.as_secs_f64(),
+        peak_rss_mib: peak_rss as f64 / 1024.0,
+    }
+}
+
+/// `sensorgate run` as a child process, logging to a file.
+struct Process {
+    child: Child,
+}
+
+impl Process {
+    fn start(config: &Path, log: &Path) -> Self {
+        let log = std::fs::File::create(log).expect("log file");
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("sensorgate runs");
+        Self { child }
+    }
+
+    fn proc_file(&self, name: &str) -> String {
+        let path = PathBuf::from(format!("/proc/{}/{name}", self.child.id()));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// User and system CPU time so far.
+    fn cpu_time(&self) -> Duration {
+        let stat = self.proc_file("stat");
+        // Fields after the parenthesised command name; utime and stime are the 12th and
+        // 13th, in clock ticks of 1/100 s.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.proc_file("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, then waits for the drain.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a synchronous wait for the child to exit"
+    )]
+    fn stop(&mut self) {
+        // SAFETY: kill(2) with a pid this process started and has not reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let status = self.child.wait().expect("gateway exits");
+        assert!(status.success(), "gateway exit status {status}");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A read-only pool on the gateway's database, once the gateway has created it.
+async fn read_pool(db: &Path) -> SqlitePool {
+    wait(|| async { db.exists() }).await;
+    let options = SqliteConnectOptions::new().filename(db).read_only(true);
+    let mut tries = 0;
+    loop {
+        match SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+        {
+            // The tables exist once the migrations ran.
+            Ok(pool)
+                if sqlx::query("SELECT 1 FROM devices LIMIT 1")
+                    .fetch_optional(&pool)
+                    .await
+                    .is_ok() =>
+            {
+                return pool;
+            }
+            _ if tries < 500 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(_) => panic!("the gateway did not create its tables"),
+            Err(err) => panic!("cannot open the gateway's database: {err}"),
+        }
+    }
 }
 
 async fn wait<F, Fut>(mut condition: F)
@@ -236,7 +375,8 @@ where
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

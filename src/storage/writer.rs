@@ -24,21 +24,51 @@ use crate::telemetry::{SourceCounters, Telemetry};
 /// carries the less it writes per reading; queries scan what is recent by time, so this
 /// also bounds what they read there.
 pub const ARCHIVE_AT_ROWS: u64 = 32_768;
-/// New readings into `readings_recent`, unless either table holds their key.
-static INSERT_READINGS: MultiRow = MultiRow::new(
+/// Readings of one series in one batch that go straight into the archive: about half a
+/// page of them, so writing the series' last pages costs little per reading, and moving
+/// them later would cost more.
+const ARCHIVE_DIRECTLY_AT: usize = 32;
+/// New readings into `readings_recent`, unless either table holds their key. Values come
+/// as `(ts, series_id, received_at, value, flags)`, as [`bind_reading`] binds them.
+static INSERT_RECENT: MultiRow = MultiRow::new(
     "INSERT INTO readings_recent (ts, series_id, received_at, value, flags) \
      SELECT column1, column2, column3, column4, column5 FROM (",
     5,
     ") AS v WHERE NOT EXISTS (SELECT 1 FROM readings_archive a \
      WHERE a.series_id = v.column2 AND a.ts = v.column1) ON CONFLICT DO NOTHING",
 );
-/// As [`INSERT_READINGS`], naming the rows it inserted.
-static INSERT_READINGS_RETURNING: MultiRow = MultiRow::new(
+/// As [`INSERT_RECENT`], naming the rows it inserted.
+static INSERT_RECENT_RETURNING: MultiRow = MultiRow::new(
     "INSERT INTO readings_recent (ts, series_id, received_at, value, flags) \
      SELECT column1, column2, column3, column4, column5 FROM (",
     5,
     ") AS v WHERE NOT EXISTS (SELECT 1 FROM readings_archive a \
      WHERE a.series_id = v.column2 AND a.ts = v.column1) ON CONFLICT DO NOTHING \
+     RETURNING series_id, ts",
+);
+/// New readings straight into `readings_archive`, unless either table holds their key;
+/// values as for [`INSERT_RECENT`].
+static INSERT_ARCHIVE: MultiRow = MultiRow::new(
+    "INSERT INTO readings_archive (series_id, ts, received_at, value, flags) \
+     SELECT column2, column1, column3, column4, column5 FROM (",
+    5,
+    ") AS v WHERE NOT EXISTS (SELECT 1 FROM readings_recent r \
+     WHERE r.ts = v.column1 AND r.series_id = v.column2) ON CONFLICT DO NOTHING",
+);
+/// As [`INSERT_ARCHIVE`] when `readings_recent` is empty: no key to look up there.
+static INSERT_ARCHIVE_ONLY: MultiRow = MultiRow::new(
+    "INSERT INTO readings_archive (series_id, ts, received_at, value, flags) \
+     SELECT column2, column1, column3, column4, column5 FROM (",
+    5,
+    ") AS v WHERE true ON CONFLICT DO NOTHING",
+);
+/// As [`INSERT_ARCHIVE`], naming the rows it inserted.
+static INSERT_ARCHIVE_RETURNING: MultiRow = MultiRow::new(
+    "INSERT INTO readings_archive (series_id, ts, received_at, value, flags) \
+     SELECT column2, column1, column3, column4, column5 FROM (",
+    5,
+    ") AS v WHERE NOT EXISTS (SELECT 1 FROM readings_recent r \
+     WHERE r.ts = v.column1 AND r.series_id = v.column2) ON CONFLICT DO NOTHING \
      RETURNING series_id, ts",
 );
 static INSERT_REJECTIONS: MultiRow = MultiRow::new(
@@ -86,6 +116,9 @@ pub struct DeviceEntry {
     /// into each commit.
     pub counters: Arc<SourceCounters>,
 }
+
+/// A reading with its series' database id, as the insert statements bind it.
+type SeriesRow<'b> = (i64, &'b Reading);
 
 /// The keys a commit inserted; `None` when it inserted every reading of its batch.
 type NewKeys = Option<HashSet<(i64, Millis)>>;
@@ -313,10 +346,10 @@ impl Writer {
             loop {
                 let started = std::time::Instant::now();
                 match self.write(&batch).await {
-                    Ok(new_keys) => {
+                    Ok((new_keys, recent)) => {
                         let took = started.elapsed();
                         let stored = self.publish(&batch, new_keys.as_ref());
-                        self.recent_rows += stored;
+                        self.recent_rows += recent;
                         self.telemetry.writer.record_commit(
                             took,
                             stored,
@@ -392,9 +425,10 @@ impl Writer {
         stored
     }
 
-    /// One transaction for `batch`. On failure the caches and counters are as before, so the
-    /// batch can be written again.
-    async fn write(&mut self, batch: &Batch) -> Result<NewKeys, StorageError> {
+    /// One transaction for `batch`; returns the inserted keys (`None`: all of the batch) and
+    /// how many rows went into `readings_recent`. On failure the caches and counters are as
+    /// before, so the batch can be written again.
+    async fn write(&mut self, batch: &Batch) -> Result<(NewKeys, u64), StorageError> {
         let drops: Vec<(i64, Arc<SourceCounters>, u64)> = self
             .drop_counters
             .iter()
@@ -419,7 +453,7 @@ impl Writer {
                 .try_write(connection, batch, &drops, &mut added, exact)
                 .await
             {
-                Ok(Written::Committed(new_keys)) => break Ok(new_keys),
+                Ok(Written::Committed { new_keys, recent }) => break Ok((new_keys, recent)),
                 // Rolled back: write it again, naming the rows actually inserted. An exact
                 // write never answers this, so this loops at most twice.
                 Ok(Written::HadDuplicates) => {
@@ -465,40 +499,44 @@ impl Writer {
         let mut per_device: HashMap<i64, DeviceDelta> = HashMap::new();
         self.ensure_series(&mut tx, &batch.readings, added).await?;
 
-        // In key order, consecutive rows land on the same B-tree page.
-        let mut rows: Vec<(i64, &Reading)> = batch
-            .readings
-            .iter()
-            .map(|r| (self.ids(r).series, r))
-            .collect();
-        rows.sort_unstable_by_key(|(series, r)| (r.time, *series));
-        let new_keys: Option<HashSet<(i64, Millis)>> = if exact {
-            let mut keys = HashSet::new();
-            for chunk in chunks(&rows) {
-                for row in INSERT_READINGS_RETURNING
-                    .query(chunk, bind_reading)?
-                    .fetch_all(&mut *tx)
-                    .await?
-                {
-                    keys.insert((row.get(0), row.get(1)));
+        let (archive, recent) = self.place(&batch.readings);
+        let mut new_keys = exact.then(HashSet::new);
+        // Rows inserted into the archive and into the recent table.
+        let mut stored = [0u64; 2];
+        let into_archive = if self.recent_rows == 0 {
+            &INSERT_ARCHIVE_ONLY
+        } else {
+            &INSERT_ARCHIVE
+        };
+        let targets = [
+            (&archive, into_archive, &INSERT_ARCHIVE_RETURNING),
+            (&recent, &INSERT_RECENT, &INSERT_RECENT_RETURNING),
+        ];
+        for (i, (rows, plain, returning)) in targets.into_iter().enumerate() {
+            for chunk in chunks(rows) {
+                match &mut new_keys {
+                    Some(keys) => {
+                        let inserted = returning
+                            .query(chunk, bind_reading)?
+                            .fetch_all(&mut *tx)
+                            .await?;
+                        stored[i] += inserted.len() as u64;
+                        keys.extend(inserted.iter().map(|row| (row.get(0), row.get(1))));
+                    }
+                    None => {
+                        stored[i] += plain
+                            .query(chunk, bind_reading)?
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                    }
                 }
             }
-            Some(keys)
-        } else {
-            let mut stored = 0;
-            for chunk in chunks(&rows) {
-                stored += INSERT_READINGS
-                    .query(chunk, bind_reading)?
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-            }
-            if stored != batch.readings.len() as u64 {
-                tx.rollback().await?;
-                return Ok(Written::HadDuplicates);
-            }
-            None
-        };
+        }
+        if new_keys.is_none() && stored[0] + stored[1] != batch.readings.len() as u64 {
+            tx.rollback().await?;
+            return Ok(Written::HadDuplicates);
+        }
 
         let mut fresh = new_keys
             .as_ref()
@@ -576,7 +614,32 @@ impl Writer {
         }
         update_devices(&mut tx, &per_device).await?;
         tx.commit().await?;
-        Ok(Written::Committed(new_keys))
+        Ok(Written::Committed {
+            new_keys,
+            recent: stored[1],
+        })
+    }
+
+    /// Splits a batch's readings by where they go: the series with at least
+    /// [`ARCHIVE_DIRECTLY_AT`] readings in it straight into the archive, in series order,
+    /// and the others into `readings_recent`, in time order. In key order, consecutive
+    /// rows land on the same B-tree page.
+    fn place<'b>(&self, readings: &'b [Reading]) -> (Vec<SeriesRow<'b>>, Vec<SeriesRow<'b>>) {
+        let mut per_series: FastMap<i64, usize> = FastMap::default();
+        let rows: Vec<SeriesRow> = readings
+            .iter()
+            .map(|r| {
+                let series = self.ids(r).series;
+                *per_series.entry(series).or_default() += 1;
+                (series, r)
+            })
+            .collect();
+        let (mut archive, mut recent): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|(series, _)| per_series[series] >= ARCHIVE_DIRECTLY_AT);
+        archive.sort_unstable_by_key(|(series, r)| (*series, r.time));
+        recent.sort_unstable_by_key(|(series, r)| (r.time, *series));
+        (archive, recent)
     }
 
     /// The ids of a reading's series. Every reading of a batch has them: `ensure_series`
@@ -741,7 +804,8 @@ impl Writer {
 }
 
 enum Written {
-    Committed(NewKeys),
+    /// With the number of rows inserted into `readings_recent`.
+    Committed { new_keys: NewKeys, recent: u64 },
     /// Some readings were stored before; the transaction was rolled back.
     HadDuplicates,
 }
@@ -767,7 +831,7 @@ async fn discard(conn: PoolConnection<Sqlite>) {
 }
 
 /// One reading's values in [`INSERT_READINGS`]' column order.
-fn bind_reading(row: &mut super::multirow::Binder, (series, r): &(i64, &Reading)) {
+fn bind_reading(row: &mut super::multirow::Binder, (series, r): &SeriesRow) {
     row.bind(r.time)
         .bind(*series)
         .bind(r.received_at)
