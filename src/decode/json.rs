@@ -1,11 +1,19 @@
 //! JSON objects (or arrays of objects): metrics are fields or dotted paths.
 
+use std::fmt;
+
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
 use super::{Decoder, epoch_to_millis, parse_rfc3339, truncate};
 use crate::reading::{DecodeError, Decoded, Millis, RawReading};
 
 pub(super) fn decode(decoder: &Decoder, payload: &[u8]) -> Decoded {
+    decode_flat(decoder, payload).unwrap_or_else(|| decode_document(decoder, payload))
+}
+
+/// Any payload: parsed whole, then searched.
+fn decode_document(decoder: &Decoder, payload: &[u8]) -> Decoded {
     let value: Value = serde_json::from_slice(payload)
         .map_err(|err| DecodeError(format!("invalid JSON: {err}")))?;
     match value {
@@ -33,16 +41,100 @@ pub(super) fn decode(decoder: &Decoder, payload: &[u8]) -> Decoded {
     }
 }
 
-fn decode_object(decoder: &Decoder, object: &Value) -> Decoded {
-    let source_time = match &decoder.timestamp_field {
-        Some(path) => match lookup(object, path) {
-            Some(ts) => Some(timestamp(path, ts)?),
-            None => None,
-        },
-        None => None,
-    };
-    let mut readings = Vec::new();
+/// The common case without building the document: one object, configured fields and
+/// timestamp that are top-level keys. Only their values are kept; everything else is
+/// skipped as it is parsed. `None` leaves the payload to the general path, which also words
+/// every error (this path gives up on any).
+fn decode_flat(decoder: &Decoder, payload: &[u8]) -> Option<Decoded> {
+    let mut keys: Vec<&str> = Vec::with_capacity(decoder.fields.len() + 1);
+    for key in decoder.fields.iter().chain(&decoder.timestamp_field) {
+        if key.contains('.') {
+            return None;
+        }
+        if !keys.contains(&key.as_str()) {
+            keys.push(key);
+        }
+    }
     if decoder.fields.is_empty() {
+        return None;
+    }
+    let mut input = serde_json::Deserializer::from_slice(payload);
+    let values = Picked { keys: &keys }.deserialize(&mut input).ok()?;
+    input.end().ok()?;
+    let find = |path: &str| {
+        let slot = keys.iter().position(|k| *k == path)?;
+        values[slot].as_ref()
+    };
+    match configured(decoder, find) {
+        Ok(readings) => Some(Ok(readings)),
+        Err(_) => None,
+    }
+}
+
+/// The values of `keys` in a JSON object, the last of each when a key repeats (as a parsed
+/// `Value` keeps it).
+struct Picked<'k> {
+    keys: &'k [&'k str],
+}
+
+impl<'de> DeserializeSeed<'de> for Picked<'_> {
+    type Value = Vec<Option<Value>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, input: D) -> Result<Self::Value, D::Error> {
+        input.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Picked<'_> {
+    type Value = Vec<Option<Value>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut values = vec![None; self.keys.len()];
+        while let Some(slot) = map.next_key_seed(KeySlot { keys: self.keys })? {
+            match slot {
+                Some(slot) => values[slot] = Some(map.next_value()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(values)
+    }
+}
+
+/// Which of `keys` a key is, compared without copying it.
+struct KeySlot<'k> {
+    keys: &'k [&'k str],
+}
+
+impl<'de> DeserializeSeed<'de> for KeySlot<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, input: D) -> Result<Self::Value, D::Error> {
+        input.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySlot<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.keys.iter().position(|k| *k == key))
+    }
+}
+
+fn decode_object(decoder: &Decoder, object: &Value) -> Decoded {
+    if decoder.fields.is_empty() {
+        let source_time = source_time(decoder, |path| lookup(object, path))?;
+        let mut readings = Vec::new();
         collect_leaves(
             object,
             &mut String::new(),
@@ -55,8 +147,29 @@ fn decode_object(decoder: &Decoder, object: &Value) -> Decoded {
         }
         return Ok(readings);
     }
+    configured(decoder, |path| lookup(object, path))
+}
+
+/// The source's time, if the decoder names a timestamp field and `find` finds it.
+fn source_time<'v>(
+    decoder: &Decoder,
+    find: impl Fn(&str) -> Option<&'v Value>,
+) -> Result<Option<Millis>, DecodeError> {
+    match &decoder.timestamp_field {
+        Some(path) => match find(path) {
+            Some(ts) => Ok(Some(timestamp(path, ts)?)),
+            None => Ok(None),
+        },
+        None => Ok(None),
+    }
+}
+
+/// The readings of the configured fields, found by `find`.
+fn configured<'v>(decoder: &Decoder, find: impl Fn(&str) -> Option<&'v Value>) -> Decoded {
+    let source_time = source_time(decoder, &find)?;
+    let mut readings = Vec::new();
     for field in &decoder.fields {
-        let Some(value) = lookup(object, field) else {
+        let Some(value) = find(field) else {
             continue;
         };
         let value = number(value).ok_or_else(|| {
@@ -159,5 +272,103 @@ fn kind(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::{FormatOptions, PayloadFormat};
+
+    fn decoder(fields: &[&str], timestamp_field: Option<&str>) -> Decoder {
+        let options = FormatOptions {
+            format: PayloadFormat::Json,
+            timestamp_field,
+            columns: &[],
+            delimiter: None,
+            pattern: None,
+        };
+        Decoder::new(&options, fields.iter().map(|f| f.to_string()).collect()).unwrap()
+    }
+
+    /// JSON text for a value: numbers, numeric and other strings, booleans, null, arrays,
+    /// nested objects.
+    fn value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            any::<i32>().prop_map(|n| n.to_string()),
+            (-1e6..1e6f64).prop_map(|f| f.to_string()),
+            Just("1700000000123".to_string()),
+            Just("\" 21.5 \"".to_string()),
+            Just("\"2026-12-02T10:00:00Z\"".to_string()),
+            Just("\"warm\"".to_string()),
+            Just("true".to_string()),
+            Just("null".to_string()),
+            Just("[1, 2]".to_string()),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            prop::collection::vec((key(), inner), 0..3).prop_map(|members| object(&members))
+        })
+    }
+
+    /// Keys the decoders below ask for, spelled plainly or with escapes, and others.
+    fn key() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            "t",
+            "temp",
+            "hum",
+            "ts",
+            "t\\u0065mp",
+            "x",
+            "",
+            "a.b",
+            "a",
+        ])
+        .prop_map(str::to_string)
+    }
+
+    fn object(members: &[(String, String)]) -> String {
+        let members: Vec<String> = members
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": {v}"))
+            .collect();
+        format!("{{{}}}", members.join(", "))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The shortcut gives what parsing the whole document gives, or leaves the payload
+        /// to it.
+        #[test]
+        fn the_flat_shortcut_agrees_with_the_whole_document(
+            members in prop::collection::vec((key(), value()), 0..6),
+            config in 0..4usize,
+            garbage in prop::option::of(prop::sample::select(vec!["", " x", "}", "]"])),
+        ) {
+            let (fields, ts): (&[&str], Option<&str>) = match config {
+                0 => (&["temp", "hum"], Some("ts")),
+                1 => (&["t"], None),
+                2 => (&["temp", "ts"], Some("ts")),
+                _ => (&["hum"], Some("x")),
+            };
+            let decoder = decoder(fields, ts);
+            let mut payload = object(&members);
+            payload.push_str(garbage.unwrap_or(""));
+            if let Some(flat) = decode_flat(&decoder, payload.as_bytes()) {
+                prop_assert_eq!(flat, decode_document(&decoder, payload.as_bytes()), "{}", payload);
+            }
+        }
+    }
+
+    #[test]
+    fn the_flat_shortcut_takes_the_common_payload() {
+        let decoder = decoder(&["temp", "hum"], Some("ts"));
+        let payload = br#"{"ts": 1700000000123, "temp": 21.5, "hum": 40, "rssi": -70}"#;
+        let readings = decode_flat(&decoder, payload).unwrap().unwrap();
+        assert_eq!(readings, decode_document(&decoder, payload).unwrap());
+        assert_eq!(readings.len(), 2);
+        assert_eq!(readings[0].source_time, Some(1_700_000_000_123));
     }
 }
