@@ -88,12 +88,19 @@ pub fn decode_block(
         };
         out.push(RawReading {
             field: register.name.clone(),
-            value: scaled(raw, register.scale) + register.offset,
+            value: converted(raw, register.scale, register.offset),
             unit: None,
             source_time: None,
         });
     }
     Ok(out)
+}
+
+/// `raw * scale + offset`. Without an offset the sign of a float register's zero is kept:
+/// adding 0 would turn -0 into +0.
+fn converted(raw: f64, scale: f64, offset: f64) -> f64 {
+    let value = scaled(raw, scale);
+    if offset == 0.0 { value } else { value + offset }
 }
 
 /// `raw * scale`, computed as a division when `scale` is the inverse of a whole number, so a
@@ -264,5 +271,14 @@ mod tests {
         assert_eq!(got[0].field, "temp");
         let err = decode_block(&map, block, &Answer::Words(vec![])).unwrap_err();
         assert!(err.contains("got 0"), "{err}");
+    }
+
+    /// Found by the modbus_registers fuzz target: -0 came out as +0.
+    #[test]
+    fn a_float_register_holding_negative_zero_keeps_its_sign() {
+        let map = vec![register("flow", RegisterTable::Holding, 0, DataType::F32)];
+        let block = &plan_reads(&map)[0];
+        let got = decode_block(&map, block, &Answer::Words(vec![0x8000, 0])).unwrap();
+        assert_eq!(got[0].value.to_bits(), (-0.0f64).to_bits());
     }
 }
