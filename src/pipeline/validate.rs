@@ -36,14 +36,14 @@ struct MetricRule {
 #[derive(Default)]
 struct DeviceRules {
     /// By payload field.
-    metrics: HashMap<String, MetricRule>,
+    metrics: FastMap<String, MetricRule>,
     /// Metrics the config does not list that were accepted, by payload field; bounded by
     /// `max_metrics_per_device`.
     extra: FastMap<String, Series>,
 }
 
 pub struct Validator {
-    devices: HashMap<DeviceId, DeviceRules>,
+    devices: FastMap<DeviceId, DeviceRules>,
     limits: ValidationConfig,
     /// Per series key: the last receive-time stamp handed out.
     last_receive_stamp: Vec<Millis>,
@@ -54,7 +54,7 @@ pub struct Validator {
 impl Validator {
     pub fn new(config: &Config) -> Self {
         let mut validator = Self {
-            devices: HashMap::new(),
+            devices: FastMap::default(),
             limits: config.validation.clone(),
             last_receive_stamp: Vec::new(),
             interned: HashMap::new(),

@@ -1,7 +1,7 @@
 //! The one writer: each [`Batch`] becomes one transaction, and its tickets are settled only
 //! after that transaction commits.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -496,7 +496,7 @@ impl Writer {
         exact: bool,
     ) -> Result<Written, StorageError> {
         let mut tx = conn.begin().await?;
-        let mut per_device: HashMap<i64, DeviceDelta> = HashMap::new();
+        let mut per_device: FastMap<i64, DeviceDelta> = FastMap::default();
         self.ensure_series(&mut tx, &batch.readings, added).await?;
 
         let (archive, recent) = self.place(&batch.readings);
@@ -908,7 +908,7 @@ async fn retire_rows(
 /// Folds the batch's per-device counters into `devices` with one statement.
 async fn update_devices(
     tx: &mut SqliteConnection,
-    deltas: &HashMap<i64, DeviceDelta>,
+    deltas: &FastMap<i64, DeviceDelta>,
 ) -> Result<(), StorageError> {
     let deltas: Vec<_> = deltas.iter().collect();
     for chunk in chunks(&deltas) {
