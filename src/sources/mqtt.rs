@@ -388,7 +388,11 @@ impl Session {
                     biased;
                     () = cancel.cancelled(), if !stopping => stopping = true,
                     () = self.board.ready.notified() => {}
-                    Some(command) = self.commands.recv(), if !stopping => self.command(&client, command),
+                    Some(command) = self.commands.recv(), if !stopping => {
+                        self.command(&client, command);
+                        // Subscriptions go out with the next poll: no pause before it.
+                        read_at = Instant::now();
+                    }
                     sent = forward(&self.routes, &self.router, self.generation, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
                         if !sent { pending.pop_front(); }
                     }
@@ -416,6 +420,7 @@ impl Session {
                             .map(|r| (r.filter.clone(), r.qos))
                             .collect();
                         self.subscribe(&client, all);
+                        read_at = Instant::now();
                     }
                     tracing::info!(broker = %self.broker.id, "Broker connected");
                 }

@@ -59,6 +59,25 @@ impl Gateway {
         }
     }
 
+    /// Waits for a line containing each of `texts`, in any order; returns them in the order
+    /// of `texts`.
+    pub fn wait_for_logs(&self, texts: &[&str], timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut found: Vec<Option<String>> = vec![None; texts.len()];
+        while found.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                panic!("no log lines with all of {texts:?} within {timeout:?}");
+            };
+            if let Some(i) =
+                (0..texts.len()).find(|&i| found[i].is_none() && line.contains(texts[i]))
+            {
+                found[i] = Some(line);
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     pub fn sigterm(&self) {
         self.signal("TERM");
     }
