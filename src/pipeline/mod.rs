@@ -22,8 +22,19 @@ use crate::storage::Batch;
 use aggregate::Batcher;
 use validate::{Checked, Validator};
 
-/// The most events a stage takes from its input in one wake-up.
-const RECV_BURST: usize = 256;
+/// The most events a stage (or a device task) takes from its input in one wake-up.
+pub(crate) const RECV_BURST: usize = 256;
+
+/// Sends into a bounded channel, waiting only when it is full: with room, `try_send` costs
+/// no future and no semaphore waiter, and most sends find room. False when the receiver is
+/// gone.
+pub(crate) async fn send<T>(channel: &mpsc::Sender<T>, value: T) -> bool {
+    match channel.try_send(value) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(value)) => channel.send(value).await.is_ok(),
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
 
 /// What validation hands to aggregation.
 #[derive(Debug)]
@@ -106,7 +117,7 @@ pub async fn validate(
                 SourceEvent::Faults { device, counts } => Stage::Faults { device, counts },
                 SourceEvent::Heartbeat(at) => Stage::Heartbeat(at),
             };
-            if output.send(stage).await.is_err() {
+            if !send(&output, stage).await {
                 tracing::error!("Aggregate stage gone; validation stops");
                 return;
             }

@@ -53,11 +53,9 @@ impl Outlet {
     pub async fn send(&self, mut message: Message) -> bool {
         self.counters.received();
         match self.overflow {
-            Overflow::Block => self
-                .events
-                .send(SourceEvent::Message(message))
-                .await
-                .is_ok(),
+            Overflow::Block => {
+                crate::pipeline::send(&self.events, SourceEvent::Message(message)).await
+            }
             Overflow::DropNewest => match self.events.try_send(SourceEvent::Message(message)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {

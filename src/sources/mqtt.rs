@@ -28,6 +28,7 @@ use super::backoff::Backoff;
 use super::{Outlet, SourceContext};
 use crate::config::{BrokerConfig, MqttDeviceConfig};
 use crate::decode::Decoder;
+use crate::pipeline::RECV_BURST;
 use crate::reading::{
     Bytes, DeviceId, DeviceState, Message, Millis, RejectReason, Rejection, Settle, SourceEvent,
     StatusChange, Ticket, now_millis,
@@ -340,6 +341,13 @@ impl Session {
                 tracing::debug!(broker = %self.broker.id, error = %err, "Acknowledgements not sent");
                 self.unsent.clear();
             }
+            forward_ready(
+                &self.routes,
+                &self.router,
+                self.generation,
+                self.events.as_ref(),
+                &mut pending,
+            );
             let window_len = lock(&self.board.window).len();
             let unacked = window_len + self.unsent.len();
             self.gauges.unacked.store(unacked, Ordering::Relaxed);
@@ -437,6 +445,23 @@ impl Session {
                         }
                     }
                     self.receive(publish, &mut pending);
+                    // The rest of this read, parsed already, is taken now rather than one
+                    // loop turn each, as far as max_unacked allows.
+                    let mut unacked = window_len + 1;
+                    while pending.len() < max_unacked
+                        && unacked < max_unacked
+                        && matches!(
+                            eventloop.state.events.front(),
+                            Some(Event::Incoming(Packet::Publish(_)))
+                        )
+                    {
+                        if let Some(Event::Incoming(Packet::Publish(publish))) =
+                            eventloop.state.events.pop_front()
+                        {
+                            self.receive(publish, &mut pending);
+                            unacked += 1;
+                        }
+                    }
                 }
                 Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
                     let filters = self.subscribing.pop_front().unwrap_or_default();
@@ -698,9 +723,84 @@ struct Pending {
     delivery: Delivery,
 }
 
-/// Hands the front delivery to its device, or an unrouted one to the pipeline as a
-/// rejection; false when the receiver is gone. A delivery routed before the routes changed
-/// is routed again.
+/// Where a delivery goes: its device's inbox or, when no device claims its topic, the
+/// pipeline, as a rejection.
+enum Target<'a> {
+    Inbox(&'a mpsc::Sender<Delivery>),
+    Pipeline(&'a mpsc::Sender<SourceEvent>),
+}
+
+/// The front delivery's receiver; None when it is gone. A delivery routed before the routes
+/// changed is routed again.
+fn target<'a>(
+    routes: &'a [Route],
+    router: &Router,
+    generation: u64,
+    events: Option<&'a mpsc::Sender<SourceEvent>>,
+    front: &mut Pending,
+) -> Option<Target<'a>> {
+    if front.generation != generation {
+        front.route = router.find(&front.delivery.topic);
+        front.generation = generation;
+    }
+    match front.route {
+        Some(route) => routes.get(route).map(|r| Target::Inbox(&r.inbox)),
+        None => events.map(Target::Pipeline),
+    }
+}
+
+fn unrouted(delivery: Delivery) -> SourceEvent {
+    let rejection = Rejection {
+        device: None,
+        detail: format!("no device is configured for topic `{}`", delivery.topic),
+        source: delivery.topic,
+        received_at: delivery.received_at,
+        reason: RejectReason::UnknownDevice,
+        raw: delivery.payload,
+    };
+    SourceEvent::Rejected {
+        rejection,
+        ticket: delivery.ticket,
+    }
+}
+
+/// Hands over, in order, every delivery whose receiver has room now, without waiting: a
+/// read's worth of publishes costs one pass, not a loop turn each. Stops at the first that
+/// has to wait; one whose receiver is gone is dropped (its ticket asks for a reconnect).
+fn forward_ready(
+    routes: &[Route],
+    router: &Router,
+    generation: u64,
+    events: Option<&mpsc::Sender<SourceEvent>>,
+    pending: &mut VecDeque<Pending>,
+) {
+    use mpsc::error::TrySendError;
+    while let Some(front) = pending.front_mut() {
+        let room = match target(routes, router, generation, events, front) {
+            Some(Target::Inbox(inbox)) => inbox.try_reserve().map(|permit| {
+                if let Some(front) = pending.pop_front() {
+                    permit.send(front.delivery);
+                }
+            }),
+            Some(Target::Pipeline(events)) => events.try_reserve().map(|permit| {
+                if let Some(front) = pending.pop_front() {
+                    permit.send(unrouted(front.delivery));
+                }
+            }),
+            None => Err(TrySendError::Closed(())),
+        };
+        match room {
+            Ok(()) => {}
+            Err(TrySendError::Full(())) => return,
+            Err(TrySendError::Closed(())) => {
+                pending.pop_front();
+            }
+        }
+    }
+}
+
+/// Waits for room for the front delivery and hands it over; false when its receiver is
+/// gone.
 async fn forward(
     routes: &[Route],
     router: &Router,
@@ -711,44 +811,24 @@ async fn forward(
     let Some(front) = pending.front_mut() else {
         return true;
     };
-    if front.generation != generation {
-        front.route = router.find(&front.delivery.topic);
-        front.generation = generation;
-    }
-    match front.route {
-        Some(route) => {
-            let Some(route) = routes.get(route) else {
-                return false;
-            };
-            let Ok(permit) = route.inbox.reserve().await else {
+    match target(routes, router, generation, events, front) {
+        Some(Target::Inbox(inbox)) => {
+            let Ok(permit) = inbox.reserve().await else {
                 return false;
             };
             if let Some(front) = pending.pop_front() {
                 permit.send(front.delivery);
             }
         }
-        None => {
-            let Some(events) = events else {
-                return false;
-            };
+        Some(Target::Pipeline(events)) => {
             let Ok(permit) = events.reserve().await else {
                 return false;
             };
-            if let Some(Pending { delivery, .. }) = pending.pop_front() {
-                let rejection = Rejection {
-                    device: None,
-                    detail: format!("no device is configured for topic `{}`", delivery.topic),
-                    source: delivery.topic,
-                    received_at: delivery.received_at,
-                    reason: RejectReason::UnknownDevice,
-                    raw: delivery.payload,
-                };
-                permit.send(SourceEvent::Rejected {
-                    rejection,
-                    ticket: delivery.ticket,
-                });
+            if let Some(front) = pending.pop_front() {
+                permit.send(unrouted(front.delivery));
             }
         }
+        None => return false,
     }
     true
 }
@@ -822,6 +902,8 @@ impl DeviceTask {
         let mut state = DeviceState::Starting;
         let mut last_seen = Instant::now();
         let mut link_open = true;
+        // Whatever waits in the inbox is taken at once: one wake-up per burst.
+        let mut deliveries = Vec::new();
         // A device added by a reload joins a session that may be up already.
         if *link.borrow_and_update() == Link::Up {
             state = DeviceState::Connected;
@@ -839,9 +921,12 @@ impl DeviceTask {
         loop {
             let stale_at = self.expected_interval.map(|i| last_seen + i);
             let next = tokio::select! {
-                delivery = inbox.recv() => match delivery {
-                    Some(delivery) => {
-                        last_seen = Instant::now();
+                received = inbox.recv_many(&mut deliveries, RECV_BURST) => {
+                    if received == 0 {
+                        return;
+                    }
+                    last_seen = Instant::now();
+                    for delivery in deliveries.drain(..) {
                         let decoded = self.decoder.decode(&delivery.payload, delivery.received_at);
                         let message = Message {
                             device: self.id.clone(),
@@ -854,10 +939,9 @@ impl DeviceTask {
                         if !self.outlet.send(message).await {
                             return;
                         }
-                        (DeviceState::Connected, None)
                     }
-                    None => return,
-                },
+                    (DeviceState::Connected, None)
+                }
                 changed = link.changed(), if link_open => {
                     if changed.is_err() {
                         // The session ended; the inbox closes next.
