@@ -171,6 +171,26 @@ async fn stores_json_senml_and_plain_values_exactly_through_mosquitto() {
     assert_eq!(states, vec!["stopped".to_string()]);
 }
 
+/// QoS 2 end to end: PUBREC after the commit, the broker's PUBREL answered, every reading
+/// stored once with its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_2_stores_every_reading_exactly_once_through_mosquitto() {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let s = scenario(Format::Json, 4, 1_000, 0, &unique("qos2"));
+    let text = gateway_config(mosquitto.port, &db, &unique("gw"), "", &[(&s, "meter")])
+        .replace("format = \"json\"", "format = \"json\"\nqos = 2");
+    assert!(text.contains("qos = 2"));
+    let (shutdown, gateway) = start_gateway(&text).await;
+    publish_all(mosquitto.port, &s, 2).await;
+    let expected = expected(&[(&s, "meter")]);
+    wait_until_stored(&db, &expected).await;
+    shutdown.cancel();
+    gateway.await.unwrap().expect("clean drain");
+    assert_exact(&db, &expected).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollups_equal_raw_readings_with_late_and_redelivered_readings() {
     let mosquitto = Mosquitto::start();

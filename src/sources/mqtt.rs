@@ -348,6 +348,9 @@ impl Session {
                 self.events.as_ref(),
                 &mut pending,
             );
+            if stopping && pending.is_empty() {
+                self.close_inputs();
+            }
             let window_len = lock(&self.board.window).len();
             let unacked = window_len + self.unsent.len();
             self.gauges.unacked.store(unacked, Ordering::Relaxed);
@@ -363,8 +366,9 @@ impl Session {
             let ping_due = last_poll + keep_alive / 2;
             let now = Instant::now();
             let buffered = !eventloop.state.events.is_empty();
-            let paused = !buffered && !stopping && now < read_at;
-            let event = if can_poll && !paused && (!full || now >= ping_due) {
+            let pause = (!buffered && !stopping && now < read_at).then_some(read_at);
+            let next = next_step(can_poll, full, pause, ping_due, now);
+            let event = if next == Next::Poll {
                 last_poll = now;
                 let poll = eventloop.poll();
                 tokio::pin!(poll);
@@ -405,8 +409,7 @@ impl Session {
                         if !sent { pending.pop_front(); }
                     }
                     () = tokio::time::sleep(Duration::from_millis(200)), if stopping => {}
-                    () = tokio::time::sleep_until(ping_due), if can_poll => {}
-                    () = tokio::time::sleep_until(read_at), if can_poll && paused && !full => {}
+                    () = super::sleep_until(next.poll_at()) => {}
                 }
                 if stopping && pending.is_empty() {
                     self.close_inputs();
@@ -438,7 +441,14 @@ impl Session {
                     // fewer means the socket had no more, and reading again at once would
                     // find only a few.
                     if !buffered {
-                        let burst = eventloop.state.events.len() + 1;
+                        // Packets this read brought; events rumqttc queued itself (a
+                        // PubComp answering a PubRel) were not read.
+                        let burst = 1 + eventloop
+                            .state
+                            .events
+                            .iter()
+                            .filter(|e| matches!(e, Event::Incoming(_)))
+                            .count();
                         full_burst = full_burst.max(burst);
                         if burst < full_burst {
                             read_at = Instant::now() + READ_PAUSE;
@@ -723,6 +733,51 @@ struct Pending {
     delivery: Delivery,
 }
 
+/// What the session loop does next.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Next {
+    /// Poll the connection: read the socket, send what rumqttc has queued.
+    Poll,
+    /// Wait for a command, a settlement or room in an inbox, and poll at this time at the
+    /// latest (never, when None).
+    Wait(Option<Instant>),
+}
+
+impl Next {
+    fn poll_at(self) -> Option<Instant> {
+        match self {
+            Self::Poll => None,
+            Self::Wait(at) => at,
+        }
+    }
+}
+
+/// Polls unless there is nothing to poll for (`can_poll` false), or the window is `full`
+/// (then only when a keep-alive ping is due, so a stalled pipeline does not cost the
+/// connection), or a read pause runs until `pause`. A wait always ends after `now`.
+fn next_step(
+    can_poll: bool,
+    full: bool,
+    pause: Option<Instant>,
+    ping_due: Instant,
+    now: Instant,
+) -> Next {
+    if !can_poll {
+        Next::Wait(None)
+    } else if full {
+        if now >= ping_due {
+            Next::Poll
+        } else {
+            Next::Wait(Some(ping_due))
+        }
+    } else {
+        match pause {
+            Some(until) if until > now => Next::Wait(Some(until)),
+            _ => Next::Poll,
+        }
+    }
+}
+
 /// Where a delivery goes: its device's inbox or, when no device claims its topic, the
 /// pipeline, as a rejection.
 enum Target<'a> {
@@ -925,7 +980,6 @@ impl DeviceTask {
                     if received == 0 {
                         return;
                     }
-                    last_seen = Instant::now();
                     for delivery in deliveries.drain(..) {
                         let decoded = self.decoder.decode(&delivery.payload, delivery.received_at);
                         let message = Message {
@@ -940,6 +994,8 @@ impl DeviceTask {
                             return;
                         }
                     }
+                    // After the sends: a pipeline that made them wait is no silent device.
+                    last_seen = Instant::now();
                     (DeviceState::Connected, None)
                 }
                 changed = link.changed(), if link_open => {
@@ -982,6 +1038,38 @@ impl DeviceTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The loop never waits for a time already past (it would spin until the time ahead),
+    /// and polls whenever nothing holds it back.
+    #[test]
+    fn the_session_polls_when_it_may_and_waits_only_for_a_time_ahead() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let times = [now - ms(5), now, now + ms(5)];
+        let pauses = [None, Some(times[0]), Some(times[1]), Some(times[2])];
+        for can_poll in [false, true] {
+            for full in [false, true] {
+                for pause in pauses {
+                    for ping_due in times {
+                        let next = next_step(can_poll, full, pause, ping_due, now);
+                        let case = format!("{can_poll} {full} {pause:?} {ping_due:?}: {next:?}");
+                        let paused = pause.is_some_and(|p| p > now);
+                        let expected = match (can_poll, full) {
+                            (false, _) => Next::Wait(None),
+                            (true, true) if ping_due <= now => Next::Poll,
+                            (true, true) => Next::Wait(Some(ping_due)),
+                            (true, false) if paused => Next::Wait(pause),
+                            (true, false) => Next::Poll,
+                        };
+                        assert_eq!(next, expected, "{case}");
+                        if let Next::Wait(Some(at)) = next {
+                            assert!(at > now, "{case}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_ticket_dropped_unsettled_asks_for_a_reconnect_only_on_its_own_connection() {
