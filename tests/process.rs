@@ -304,19 +304,28 @@ async fn devices_and_query_read_the_database_while_run_writes_it() {
     assert_eq!(rows, want);
 }
 
+/// While commits stall, the session holds at most `max_unacked` messages (below the
+/// broker's in-flight limit of 1000, so the bound is the gateway's own), stops reading, and
+/// keeps the connection alive with pings alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_writer_holds_acks_without_losing_the_broker_connection() {
     use sqlx::Connection as _;
+    const MAX_UNACKED: usize = 100;
     let mosquitto = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let db = db_path(dir.path());
     let s = scenario(Format::Json, 5, 300, 0, &unique("stall"));
     let scenarios = [(&s, "press")];
     let config = dir.path().join("gateway.toml");
+    let http_port = free_port();
     // The broker drops a client silent for 1.5 × keep_alive = 3 s; the stall lasts 7 s.
-    let text = gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)
-        .replace("client_id", "keep_alive = \"2s\"\nclient_id")
-        .replace("[storage]\n", "[storage]\nbusy_timeout = \"20s\"\n");
+    let text = format!("[http]\nenabled = true\nlisten = \"127.0.0.1:{http_port}\"\n")
+        + &gateway_config(mosquitto.port, &db, &unique("gw"), "", &scenarios)
+            .replace(
+                "client_id",
+                &format!("keep_alive = \"2s\"\nmax_unacked = {MAX_UNACKED}\nclient_id"),
+            )
+            .replace("[storage]\n", "[storage]\nbusy_timeout = \"20s\"\n");
     std::fs::write(&config, &text).unwrap();
     let gateway = Gateway::start(&config);
     gateway.wait_for_log("Subscribed", Duration::from_secs(10));
@@ -340,9 +349,27 @@ async fn a_stalled_writer_holds_acks_without_losing_the_broker_connection() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // What the session holds unacknowledged, sampled through the stall.
+    let mut peak_unacked = 0.0f64;
+    let stall = std::time::Instant::now();
+    while stall.elapsed() < Duration::from_secs(7) {
+        let metrics = support::http::get(([127, 0, 0, 1], http_port).into(), "/metrics", &[])
+            .await
+            .text();
+        let unacked = metrics
+            .lines()
+            .find(|l| l.starts_with("sensorgate_broker_unacked{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .expect("the unacked gauge in /metrics");
+        peak_unacked = peak_unacked.max(unacked);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
     drop(locker);
+    assert_eq!(
+        peak_unacked, MAX_UNACKED as f64,
+        "the session must fill its window to max_unacked and take no more"
+    );
 
     let pool = read_pool(&db).await;
     let expected = expected(&scenarios);

@@ -361,14 +361,21 @@ impl Session {
             // Stop reading once max_unacked messages wait for their commit, and let TCP push
             // back on the broker.
             let full = pending.len() >= max_unacked || window_len >= max_unacked;
-            // A stalled pipeline must not cost the connection: poll now and then anyway, so
-            // keep-alive pings go out (with QoS 1 the broker sends nothing more meanwhile).
+            // A stalled pipeline must not cost the connection: while the window is full, a
+            // ping goes out every half keep-alive (the broker keeps what it cannot send).
             let ping_due = last_poll + keep_alive / 2;
             let now = Instant::now();
             let buffered = !eventloop.state.events.is_empty();
             let pause = (!buffered && !stopping && now < read_at).then_some(read_at);
             let next = next_step(can_poll, full, pause, ping_due, now);
-            let event = if next == Next::Poll {
+            let event = if next == Next::Ping {
+                last_poll = now;
+                match ping(&mut eventloop).await {
+                    Ok(()) => None,
+                    // A poll reports the broken connection and reconnects.
+                    Err(_) => Some(eventloop.poll().await),
+                }
+            } else if next == Next::Poll {
                 last_poll = now;
                 let poll = eventloop.poll();
                 tokio::pin!(poll);
@@ -733,11 +740,30 @@ struct Pending {
     delivery: Delivery,
 }
 
+/// Writes a PINGREQ straight into the connection, past rumqttc's state: it does not wait
+/// for the PINGRESP (read with everything else once reading resumes), and rumqttc's own
+/// keep-alive, which would, runs only in a poll.
+///
+/// # Errors
+/// When the connection is broken.
+async fn ping(eventloop: &mut rumqttc::EventLoop) -> Result<(), rumqttc::StateError> {
+    match eventloop.network.as_mut() {
+        Some(network) => {
+            network.write(Packet::PingReq).await?;
+            network.flush().await
+        }
+        None => Ok(()),
+    }
+}
+
 /// What the session loop does next.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Next {
     /// Poll the connection: read the socket, send what rumqttc has queued.
     Poll,
+    /// Send a keep-alive ping without reading: the window is full, and a poll would take
+    /// in publishes rumqttc has read.
+    Ping,
     /// Wait for a command, a settlement or room in an inbox, and poll at this time at the
     /// latest (never, when None).
     Wait(Option<Instant>),
@@ -746,15 +772,15 @@ enum Next {
 impl Next {
     fn poll_at(self) -> Option<Instant> {
         match self {
-            Self::Poll => None,
+            Self::Poll | Self::Ping => None,
             Self::Wait(at) => at,
         }
     }
 }
 
 /// Polls unless there is nothing to poll for (`can_poll` false), or the window is `full`
-/// (then only when a keep-alive ping is due, so a stalled pipeline does not cost the
-/// connection), or a read pause runs until `pause`. A wait always ends after `now`.
+/// (then it only pings, when a keep-alive ping is due), or a read pause runs until `pause`.
+/// A wait always ends after `now`.
 fn next_step(
     can_poll: bool,
     full: bool,
@@ -766,7 +792,7 @@ fn next_step(
         Next::Wait(None)
     } else if full {
         if now >= ping_due {
-            Next::Poll
+            Next::Ping
         } else {
             Next::Wait(Some(ping_due))
         }
@@ -1056,7 +1082,7 @@ mod tests {
                         let paused = pause.is_some_and(|p| p > now);
                         let expected = match (can_poll, full) {
                             (false, _) => Next::Wait(None),
-                            (true, true) if ping_due <= now => Next::Poll,
+                            (true, true) if ping_due <= now => Next::Ping,
                             (true, true) => Next::Wait(Some(ping_due)),
                             (true, false) if paused => Next::Wait(pause),
                             (true, false) => Next::Poll,
