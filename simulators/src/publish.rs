@@ -1,9 +1,16 @@
 //! Publishing a plan over MQTT at a steady rate.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-use tokio::sync::watch;
+use bytes::BytesMut;
+use rumqttc::{
+    AsyncClient, Connect, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, Publish, QoS,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::Planned;
@@ -35,7 +42,7 @@ pub struct PublishReport {
 }
 
 /// Publishes every planned message at `pace` and waits until the broker has taken them all
-/// (at QoS 1 and 2, acknowledged them).
+/// (at QoS 0, written them to the socket; at QoS 1 and 2, acknowledged them).
 ///
 /// # Errors
 /// When the broker cannot be reached or the connection drops.
@@ -48,11 +55,127 @@ pub async fn publish(
     qos: u8,
     cancel: CancellationToken,
 ) -> Result<PublishReport, PublishError> {
-    let qos = match qos {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    };
+    match qos {
+        0 => at_most_once(host, port, client_id, messages, pace, cancel).await,
+        1 => {
+            acknowledged(
+                host,
+                port,
+                client_id,
+                messages,
+                pace,
+                QoS::AtLeastOnce,
+                cancel,
+            )
+            .await
+        }
+        _ => {
+            acknowledged(
+                host,
+                port,
+                client_id,
+                messages,
+                pace,
+                QoS::ExactlyOnce,
+                cancel,
+            )
+            .await
+        }
+    }
+}
+
+/// QoS 0 without a client library: nothing comes back to track, so the publisher encodes
+/// each PUBLISH and writes it to the socket itself, one write per message as rumqttc does.
+/// Through rumqttc every message also crossed a channel and woke its event-loop task, which
+/// cost about 2 µs per message of the cores a benchmark shares with the broker and the
+/// gateway it measures.
+async fn at_most_once(
+    host: &str,
+    port: u16,
+    client_id: &str,
+    messages: impl Iterator<Item = Planned>,
+    pace: Pace,
+    cancel: CancellationToken,
+) -> Result<PublishReport, PublishError> {
+    let address = format!("{host}:{port}");
+    let refused = |error: String| PublishError::Connect(address.clone(), error);
+    let mut stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|err| refused(err.to_string()))?;
+    let mut buffer = BytesMut::with_capacity(4096);
+    let mut connect = Connect::new(client_id);
+    // No keep-alive: a publisher that only writes has no reader for PINGRESP, and the
+    // broker then never drops it for a pause in a paced run.
+    connect.keep_alive = 0;
+    connect
+        .write(&mut buffer)
+        .map_err(|err| refused(err.to_string()))?;
+    stream
+        .write_all(&buffer)
+        .await
+        .map_err(|err| refused(err.to_string()))?;
+    buffer.clear();
+    loop {
+        match Packet::read(&mut buffer, 1 << 20) {
+            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => break,
+            Ok(Packet::ConnAck(ack)) => return Err(refused(format!("refused: {:?}", ack.code))),
+            Ok(other) => return Err(refused(format!("expected CONNACK, got {other:?}"))),
+            Err(rumqttc::Error::InsufficientBytes(_)) => {}
+            Err(err) => return Err(refused(err.to_string())),
+        }
+        if stream
+            .read_buf(&mut buffer)
+            .await
+            .map_err(|err| refused(err.to_string()))?
+            == 0
+        {
+            return Err(refused("the broker closed the connection".into()));
+        }
+    }
+    let start = Instant::now();
+    let mut pacer = Pacer::new(pace);
+    let mut published = 0u64;
+    for message in messages {
+        if cancel.is_cancelled() {
+            break;
+        }
+        pacer.ready().await;
+        buffer.clear();
+        let packet = Publish::new(message.topic, QoS::AtMostOnce, message.payload);
+        let written = match packet.write(&mut buffer) {
+            Ok(_) => stream
+                .write_all(&buffer)
+                .await
+                .map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(error) = written {
+            return Err(PublishError::Lost {
+                sent: published,
+                error,
+            });
+        }
+        published += 1;
+    }
+    // DISCONNECT, so the broker closes the session cleanly; what it has read it delivers.
+    let _ = stream.write_all(&[0xE0, 0x00]).await;
+    let _ = stream.shutdown().await;
+    Ok(PublishReport {
+        published,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// QoS 1 and 2 through rumqttc, which keeps the in-flight window and answers the broker.
+async fn acknowledged(
+    host: &str,
+    port: u16,
+    client_id: &str,
+    messages: impl Iterator<Item = Planned>,
+    pace: Pace,
+    qos: QoS,
+    cancel: CancellationToken,
+) -> Result<PublishReport, PublishError> {
     let mut options = MqttOptions::new(client_id, host, port);
     options
         .set_keep_alive(Duration::from_secs(30))
@@ -72,17 +195,18 @@ pub async fn publish(
             }
         }
     }
-    // The event loop runs on its own task; it counts what went out and what the broker
-    // acknowledged, so the publisher can wait for both before it disconnects.
-    let (progress_tx, mut progress) = watch::channel((0u64, 0u64));
-    let driver = tokio::spawn(async move {
-        let (mut sent, mut acked) = (0u64, 0u64);
+    // The event loop runs on its own task; it counts what the broker acknowledged, so the
+    // publisher can wait for that before it disconnects (rumqttc drops what is still queued).
+    let progress = Arc::new(Progress::default());
+    let counts = progress.clone();
+    let mut driver = tokio::spawn(async move {
+        let mut sent = 0u64;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Outgoing(Outgoing::Publish(_))) => sent += 1,
-                Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => acked += 1,
+                Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => counts.ack(),
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
-                Ok(_) => continue,
+                Ok(_) => {}
                 Err(err) => {
                     return Err(PublishError::Lost {
                         sent,
@@ -90,68 +214,40 @@ pub async fn publish(
                     });
                 }
             }
-            progress_tx.send_replace((sent, acked));
         }
     });
     let start = Instant::now();
+    let mut pacer = Pacer::new(pace);
     let mut published = 0u64;
-    let (rate, burst) = match pace {
-        Pace::Unlimited => (0.0, 1.0),
-        Pace::Steady(rate) => (rate, 1.0),
-        Pace::Bursts { rate, size } => (rate, f64::from(size.max(1))),
-    };
-    let tick = Duration::from_millis(10);
-    let per_tick = rate * tick.as_secs_f64();
-    let mut credit = 0.0;
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut messages = messages.peekable();
-    while messages.peek().is_some() && !cancel.is_cancelled() {
-        if rate > 0.0 {
-            ticker.tick().await;
-            credit += per_tick;
-            if credit < burst {
-                continue;
-            }
-        } else {
-            credit = 1000.0;
+    for message in messages {
+        if cancel.is_cancelled() {
+            break;
         }
-        while credit >= 1.0 {
-            let Some(message) = messages.next() else {
-                break;
-            };
-            if client
-                .publish(message.topic, qos, false, message.payload)
-                .await
-                .is_err()
-            {
-                break;
-            }
-            published += 1;
-            credit -= 1.0;
+        pacer.ready().await;
+        if client
+            .publish(message.topic, qos, false, message.payload)
+            .await
+            .is_err()
+        {
+            break;
         }
+        published += 1;
     }
-    // rumqttc drops what is still queued when it disconnects: wait until every publish is
-    // written (QoS 0) or acknowledged by the broker (QoS 1 and 2).
-    let done = |&(sent, acked): &(u64, u64)| {
-        if qos == QoS::AtMostOnce {
-            sent >= published
-        } else {
-            acked >= published
+    tokio::select! {
+        () = progress.acked(published) => {}
+        ended = &mut driver => {
+            return Err(match ended {
+                Ok(Err(err)) => err,
+                _ => PublishError::Lost {
+                    sent: published,
+                    error: "event loop ended".into(),
+                },
+            });
         }
-    };
-    if progress.wait_for(done).await.is_err() {
-        return match driver.await {
-            Ok(Err(err)) => Err(err),
-            _ => Err(PublishError::Lost {
-                sent: published,
-                error: "event loop ended".into(),
-            }),
-        };
     }
     let _ = client.disconnect().await;
     match driver.await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(())) => {}
         Ok(Err(err)) => return Err(err),
         Err(join) => {
             return Err(PublishError::Lost {
@@ -164,4 +260,232 @@ pub async fn publish(
         published,
         elapsed: start.elapsed(),
     })
+}
+
+/// When the next message may go, at a [`Pace`].
+struct Pacer {
+    /// Messages per 10 ms tick; none for [`Pace::Unlimited`].
+    per_tick: f64,
+    /// The credit a tick must reach before a burst goes.
+    burst: f64,
+    credit: f64,
+    /// Whether a burst is going out.
+    draining: bool,
+    ticker: tokio::time::Interval,
+}
+
+impl Pacer {
+    const TICK: Duration = Duration::from_millis(10);
+
+    fn new(pace: Pace) -> Self {
+        let (rate, burst) = match pace {
+            Pace::Unlimited => (0.0, 1.0),
+            Pace::Steady(rate) => (rate, 1.0),
+            Pace::Bursts { rate, size } => (rate, f64::from(size.max(1))),
+        };
+        let mut ticker = tokio::time::interval(Self::TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        Self {
+            per_tick: rate * Self::TICK.as_secs_f64(),
+            burst,
+            credit: 0.0,
+            draining: false,
+            ticker,
+        }
+    }
+
+    /// Until one more message may go.
+    async fn ready(&mut self) {
+        if self.per_tick <= 0.0 {
+            return;
+        }
+        loop {
+            if self.draining && self.credit >= 1.0 {
+                self.credit -= 1.0;
+                return;
+            }
+            self.draining = false;
+            self.ticker.tick().await;
+            self.credit += self.per_tick;
+            self.draining = self.credit >= self.burst;
+        }
+    }
+}
+
+/// What the broker has acknowledged, shared with the publisher without a wake-up per
+/// packet: the event loop wakes it once, when the count it waits for is reached.
+struct Progress {
+    acked: AtomicU64,
+    /// The count the publisher waits for, once it has queued everything; until then none.
+    target: AtomicU64,
+    reached: Notify,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            acked: AtomicU64::new(0),
+            target: AtomicU64::new(u64::MAX),
+            reached: Notify::new(),
+        }
+    }
+}
+
+impl Progress {
+    fn ack(&self) {
+        // Sequentially consistent with `acked`: either this sees the target or the publisher
+        // sees this count.
+        let now = self.acked.fetch_add(1, Ordering::SeqCst) + 1;
+        if now >= self.target.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+        }
+    }
+
+    /// Until the broker has acknowledged `target` publishes.
+    async fn acked(&self, target: u64) {
+        self.target.store(target, Ordering::SeqCst);
+        while self.acked.load(Ordering::SeqCst) < target {
+            self.reached.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::plan::{Format, Scenario};
+
+    fn plan(messages: u64) -> impl Iterator<Item = Planned> {
+        Scenario {
+            devices: 1,
+            messages_per_device: messages,
+            format: Format::Value,
+            topic_prefix: "t".into(),
+            fault_every: 0,
+            start_ms: 0,
+            period_ms: 1000,
+        }
+        .messages()
+        .collect::<Vec<_>>()
+        .into_iter()
+    }
+
+    /// A broker stand-in that answers CONNECT with `code`, then reads `keep` bytes and hangs up.
+    async fn fake_broker(code: u8, keep: usize) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut received = BytesMut::new();
+            while !matches!(
+                Packet::read(&mut received.clone(), 1 << 20),
+                Ok(Packet::Connect(..))
+            ) {
+                socket.read_buf(&mut received).await.unwrap();
+            }
+            socket.write_all(&[0x20, 0x02, 0x00, code]).await.unwrap();
+            received.clear();
+            while received.len() < keep && socket.read_buf(&mut received).await.unwrap() > 0 {}
+            received.to_vec()
+        });
+        (port, served)
+    }
+
+    #[tokio::test]
+    async fn at_qos_0_every_message_is_one_publish_packet_followed_by_disconnect() {
+        let (port, served) = fake_broker(0, usize::MAX).await;
+        let report = publish(
+            "127.0.0.1",
+            port,
+            "p",
+            plan(3),
+            Pace::Unlimited,
+            0,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.published, 3);
+        let mut received = BytesMut::from(&served.await.unwrap()[..]);
+        let mut planned = plan(3);
+        for _ in 0..3 {
+            let Ok(Packet::Publish(publish)) = Packet::read(&mut received, 1 << 20) else {
+                panic!("expected a PUBLISH");
+            };
+            let want = planned.next().unwrap();
+            assert_eq!(
+                (
+                    publish.topic.as_ref(),
+                    publish.payload.as_ref(),
+                    publish.qos
+                ),
+                (
+                    want.topic.as_bytes(),
+                    want.payload.as_slice(),
+                    QoS::AtMostOnce
+                )
+            );
+        }
+        assert!(matches!(
+            Packet::read(&mut received, 1 << 20),
+            Ok(Packet::Disconnect)
+        ));
+    }
+
+    #[tokio::test]
+    async fn at_qos_0_a_refused_connect_and_a_lost_broker_are_errors() {
+        let (port, _served) = fake_broker(5, 0).await;
+        let refused = publish(
+            "127.0.0.1",
+            port,
+            "p",
+            plan(1),
+            Pace::Unlimited,
+            0,
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(&refused, Err(PublishError::Connect(_, error)) if error.contains("NotAuthorized")),
+            "{refused:?}"
+        );
+        // The broker hangs up after the CONNACK: writes fail once the kernel notices.
+        let (port, _served) = fake_broker(0, 0).await;
+        let lost = publish(
+            "127.0.0.1",
+            port,
+            "p",
+            plan(100_000),
+            Pace::Unlimited,
+            0,
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(lost, Err(PublishError::Lost { .. })), "{lost:?}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        for qos in [0, 1] {
+            let result = publish(
+                "127.0.0.1",
+                port,
+                "p",
+                plan(1),
+                Pace::Unlimited,
+                qos,
+                CancellationToken::new(),
+            )
+            .await;
+            assert!(
+                matches!(result, Err(PublishError::Connect(..))),
+                "QoS {qos}: {result:?}"
+            );
+        }
+    }
 }
