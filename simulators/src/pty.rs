@@ -437,8 +437,10 @@ mod tests {
         );
     }
 
+    /// This thread's CPU time: a `#[tokio::test]` runs its tasks on its own thread, and
+    /// the process's time would count the tests running beside it.
     fn cpu_time() -> Duration {
-        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).unwrap();
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
         Duration::from(t)
     }
 

@@ -357,7 +357,7 @@ mod tests {
     use super::*;
     use crate::plan::{Format, Scenario};
 
-    fn plan(messages: u64) -> impl Iterator<Item = Planned> {
+    fn scenario(messages: u64) -> Scenario {
         Scenario {
             devices: 1,
             messages_per_device: messages,
@@ -367,9 +367,13 @@ mod tests {
             start_ms: 0,
             period_ms: 1000,
         }
-        .messages()
-        .collect::<Vec<_>>()
-        .into_iter()
+    }
+
+    fn plan(messages: u64) -> impl Iterator<Item = Planned> {
+        scenario(messages)
+            .messages()
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     /// A broker stand-in that answers CONNECT with `code`, then reads `keep` bytes and hangs up.
@@ -451,13 +455,15 @@ mod tests {
             matches!(&refused, Err(PublishError::Connect(_, error)) if error.contains("NotAuthorized")),
             "{refused:?}"
         );
-        // The broker hangs up after the CONNACK: writes fail once the kernel notices.
+        // The broker hangs up after the CONNACK: writes fail once the kernel notices. The
+        // plan is lazy, so only what goes out before that is built.
         let (port, _served) = fake_broker(0, 0).await;
+        let lost_scenario = scenario(100_000);
         let lost = publish(
             "127.0.0.1",
             port,
             "p",
-            plan(100_000),
+            lost_scenario.messages(),
             Pace::Unlimited,
             0,
             CancellationToken::new(),
