@@ -100,7 +100,7 @@ fn batches(config: &sensorgate::config::Config, messages: usize, batch_size: usi
         let time = start + (i / DEVICES) as Millis * 10;
         let value = ((i / DEVICES) % 500) as f64 / 10.0;
         let raw = |field: &str, value: f64| RawReading {
-            field: field.to_string(),
+            field: field.into(),
             value,
             unit: None,
             source_time: Some(time),

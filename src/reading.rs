@@ -51,8 +51,9 @@ impl fmt::Debug for DeviceId {
 /// One value as a decoder found it, before validation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawReading {
-    /// The metric's name as the payload calls it (a JSON path, a SenML name).
-    pub field: String,
+    /// The metric's name as the payload calls it (a JSON path, a SenML name). Shared with
+    /// the decoder when it is a configured field, so decoding copies no name.
+    pub field: Arc<str>,
     pub value: f64,
     /// The unit the payload declared, if any.
     pub unit: Option<String>,

@@ -261,7 +261,7 @@ fn ingest(db: &Path, events: &[Event], archive_at_rows: u64) -> Vec<(Key, f64)> 
             let raw = values
                 .iter()
                 .map(|v| RawReading {
-                    field: METRICS[v.metric].to_string(),
+                    field: METRICS[v.metric].into(),
                     value: f64::from(v.value),
                     unit: None,
                     source_time: Some(time_of(v.slot)),

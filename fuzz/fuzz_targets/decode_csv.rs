@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     check_one_time_per_line(&decoded);
     if let Ok(readings) = &decoded {
         for reading in readings {
-            let field = reading.field.as_str();
+            let field = &*reading.field;
             assert!(
                 columns.contains(&field) && field != "_" && Some(field) != timestamp_field,
                 "`{field}` is not a value column of {columns:?}"

@@ -75,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
         let names: Vec<&str> = pattern.capture_names().flatten().collect();
         for reading in readings {
             assert!(
-                names.contains(&reading.field.as_str()),
+                names.contains(&&*reading.field),
                 "`{}` is not a named capture of `{pattern}`",
                 reading.field
             );

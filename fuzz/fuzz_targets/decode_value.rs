@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(readings) = &decoded {
         assert_eq!(readings.len(), 1, "{readings:?}");
         let name = fields.first().copied().unwrap_or("value");
-        assert_eq!(readings[0].field, name);
+        assert_eq!(&*readings[0].field, name);
         assert_eq!(readings[0].source_time, None);
     }
 });

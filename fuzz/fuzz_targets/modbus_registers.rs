@@ -126,7 +126,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(values.len(), block.registers.len());
                 for (value, &i) in values.iter().zip(&block.registers) {
                     let r = &registers[i];
-                    assert_eq!(value.field, r.name);
+                    assert_eq!(*value.field, *r.name);
                     if let Answer::Words(words) = &answer {
                         let at = usize::from(r.address - block.start);
                         let raw = from_words(r.data_type, r.word_order, &words[at..]);

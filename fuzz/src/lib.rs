@@ -62,7 +62,11 @@ pub fn check_decoded(decoder: &Decoder, decoded: &Decoded) {
             );
         }
         if let Some(ts) = &decoder.timestamp_field {
-            assert_ne!(&reading.field, ts, "the timestamp field became a reading");
+            assert_ne!(
+                &*reading.field,
+                ts.as_str(),
+                "the timestamp field became a reading"
+            );
         }
     }
     let senml = matches!(decoder.layout, sensorgate::decode::Layout::Senml);

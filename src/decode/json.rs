@@ -1,6 +1,7 @@
 //! JSON objects (or arrays of objects): metrics are fields or dotted paths.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
@@ -46,23 +47,12 @@ fn decode_document(decoder: &Decoder, payload: &[u8]) -> Decoded {
 /// skipped as it is parsed. `None` leaves the payload to the general path, which also words
 /// every error (this path gives up on any).
 fn decode_flat(decoder: &Decoder, payload: &[u8]) -> Option<Decoded> {
-    let mut keys: Vec<&str> = Vec::with_capacity(decoder.fields.len() + 1);
-    for key in decoder.fields.iter().chain(&decoder.timestamp_field) {
-        if key.contains('.') {
-            return None;
-        }
-        if !keys.contains(&key.as_str()) {
-            keys.push(key);
-        }
-    }
-    if decoder.fields.is_empty() {
-        return None;
-    }
+    let keys = decoder.flat_keys.as_deref()?;
     let mut input = serde_json::Deserializer::from_slice(payload);
-    let values = Picked { keys: &keys }.deserialize(&mut input).ok()?;
+    let values = Picked { keys }.deserialize(&mut input).ok()?;
     input.end().ok()?;
     let find = |path: &str| {
-        let slot = keys.iter().position(|k| *k == path)?;
+        let slot = keys.iter().position(|k| **k == *path)?;
         values[slot].as_ref()
     };
     match configured(decoder, find) {
@@ -71,10 +61,32 @@ fn decode_flat(decoder: &Decoder, payload: &[u8]) -> Option<Decoded> {
     }
 }
 
+/// What [`decode_flat`] looks for: the configured fields and the timestamp field, each
+/// once, when there are fields and none is a dotted path.
+pub(super) fn flat_keys(
+    fields: &[Arc<str>],
+    timestamp_field: Option<&str>,
+) -> Option<Vec<Arc<str>>> {
+    if fields.is_empty() {
+        return None;
+    }
+    let mut keys: Vec<Arc<str>> = Vec::with_capacity(fields.len() + 1);
+    let timestamp = timestamp_field.map(Arc::from);
+    for key in fields.iter().chain(&timestamp) {
+        if key.contains('.') {
+            return None;
+        }
+        if !keys.contains(key) {
+            keys.push(key.clone());
+        }
+    }
+    Some(keys)
+}
+
 /// The values of `keys` in a JSON object, the last of each when a key repeats (as a parsed
 /// `Value` keeps it).
 struct Picked<'k> {
-    keys: &'k [&'k str],
+    keys: &'k [Arc<str>],
 }
 
 impl<'de> DeserializeSeed<'de> for Picked<'_> {
@@ -108,7 +120,7 @@ impl<'de> Visitor<'de> for Picked<'_> {
 
 /// Which of `keys` a key is, compared without copying it.
 struct KeySlot<'k> {
-    keys: &'k [&'k str],
+    keys: &'k [Arc<str>],
 }
 
 impl<'de> DeserializeSeed<'de> for KeySlot<'_> {
@@ -127,7 +139,7 @@ impl<'de> Visitor<'de> for KeySlot<'_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.keys.iter().position(|k| *k == key))
+        Ok(self.keys.iter().position(|k| **k == *key))
     }
 }
 
@@ -221,7 +233,7 @@ fn collect_leaves(
             }
             if let Some(value) = number(value) {
                 out.push(RawReading {
-                    field: path.clone(),
+                    field: Arc::from(path.as_str()),
                     value,
                     unit: None,
                     source_time,

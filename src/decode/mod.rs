@@ -9,6 +9,8 @@ mod time;
 
 pub use time::{format_rfc3339, parse_rfc3339, write_rfc3339};
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 use crate::config::{FormatOptions, PayloadFormat};
@@ -35,7 +37,10 @@ pub struct Decoder {
     /// Where the source's timestamp is (JSON, key=value, CSV and regex).
     pub timestamp_field: Option<String>,
     /// The fields to read; empty reads every numeric field (JSON, text) or record (SenML).
-    pub fields: Vec<String>,
+    pub fields: Vec<Arc<str>>,
+    /// For JSON: the configured fields and then the timestamp field, without repeats, when
+    /// all of them are top-level keys; what the fast path looks for.
+    flat_keys: Option<Vec<Arc<str>>>,
 }
 
 impl Decoder {
@@ -55,10 +60,14 @@ impl Decoder {
             },
             PayloadFormat::Regex => Layout::Regex(Regex::new(options.pattern.unwrap_or_default())?),
         };
+        let fields: Vec<Arc<str>> = fields.into_iter().map(Arc::from).collect();
+        let timestamp_field = options.timestamp_field.map(str::to_string);
+        let flat_keys = json::flat_keys(&fields, timestamp_field.as_deref());
         Ok(Self {
             layout,
-            timestamp_field: options.timestamp_field.map(str::to_string),
+            timestamp_field,
             fields,
+            flat_keys,
         })
     }
 
@@ -83,9 +92,13 @@ impl Decoder {
         let value: f64 = text
             .parse()
             .map_err(|_| DecodeError(format!("`{}` is not a number", truncate(text))))?;
-        let field = self.fields.first().map_or("value", String::as_str);
+        let field = self
+            .fields
+            .first()
+            .cloned()
+            .unwrap_or_else(|| Arc::from("value"));
         Ok(vec![RawReading {
-            field: field.to_string(),
+            field,
             value,
             unit: None,
             source_time: None,
@@ -202,7 +215,7 @@ mod golden {
                     let got: Vec<Expected> = got
                         .into_iter()
                         .map(|r| Expected {
-                            field: r.field,
+                            field: r.field.to_string(),
                             value: r.value,
                             unit: r.unit,
                             time: r.source_time,

@@ -2,6 +2,8 @@
 //! words (or bits) that come back become values. Pure; the bus I/O lives in
 //! `sources::modbus`.
 
+use std::sync::Arc;
+
 use crate::config::{DataType, RegisterConfig, RegisterTable, WordOrder};
 use crate::reading::RawReading;
 
@@ -87,7 +89,7 @@ pub fn decode_block(
             }
         };
         out.push(RawReading {
-            field: register.name.clone(),
+            field: Arc::from(register.name.as_str()),
             value: converted(raw, register.scale, register.offset),
             unit: None,
             source_time: None,
@@ -268,7 +270,7 @@ mod tests {
         let block = &plan_reads(&map)[0];
         let got = decode_block(&map, block, &Answer::Words(vec![215])).unwrap();
         assert_eq!(got[0].value, 20.5);
-        assert_eq!(got[0].field, "temp");
+        assert_eq!(&*got[0].field, "temp");
         let err = decode_block(&map, block, &Answer::Words(vec![])).unwrap_err();
         assert!(err.contains("got 0"), "{err}");
     }

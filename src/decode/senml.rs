@@ -1,6 +1,8 @@
 //! SenML JSON (RFC 8428): a pack of records; base name, base time and base unit carry over to
 //! the records that follow.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 
 use super::Decoder;
@@ -62,7 +64,7 @@ pub(super) fn decode(decoder: &Decoder, payload: &[u8], now: Millis) -> Decoded 
             }
             (None, None, None) => continue,
         };
-        if !decoder.fields.is_empty() && !decoder.fields.contains(&name) {
+        if !decoder.fields.is_empty() && !decoder.fields.iter().any(|f| **f == *name) {
             continue;
         }
         let time = base_time + record.t.unwrap_or(0.0);
@@ -76,7 +78,7 @@ pub(super) fn decode(decoder: &Decoder, payload: &[u8], now: Millis) -> Decoded 
             })?)
         };
         readings.push(RawReading {
-            field: name,
+            field: Arc::from(name),
             value,
             unit: record.u.or_else(|| base_unit.clone()),
             source_time,

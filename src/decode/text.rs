@@ -2,6 +2,8 @@
 //! `key=value` pairs, CSV with a column-to-field mapping, and a regular expression with named
 //! captures for devices that fit neither.
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 use super::{Decoder, epoch_to_millis, parse_rfc3339, truncate};
@@ -95,13 +97,13 @@ fn from_pairs<'a>(
             source_time = Some(timestamp(field, text)?);
             continue;
         }
-        let configured = decoder.fields.iter().any(|f| f == field);
+        let configured = decoder.fields.iter().any(|f| **f == *field);
         if !decoder.fields.is_empty() && !configured {
             continue;
         }
         match text.trim().parse::<f64>() {
             Ok(value) => readings.push(RawReading {
-                field: field.to_string(),
+                field: Arc::from(field),
                 value,
                 unit: None,
                 source_time: None,

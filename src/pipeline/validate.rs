@@ -39,7 +39,7 @@ struct DeviceRules {
     metrics: FastMap<String, MetricRule>,
     /// Metrics the config does not list that were accepted, by payload field; bounded by
     /// `max_metrics_per_device`.
-    extra: FastMap<String, Series>,
+    extra: FastMap<Arc<str>, Series>,
 }
 
 pub struct Validator {
@@ -136,14 +136,14 @@ impl Validator {
                 format!("device `{device}` is not configured"),
             ));
         };
-        if let Some(rule) = rules.metrics.get_mut(&raw.field) {
+        if let Some(rule) = rules.metrics.get_mut(&*raw.field) {
             let unit = rule.unit.as_deref().or(raw.unit.as_deref());
             let series = rule
                 .series
                 .get_or_insert_with(|| intern(interned, stamps, device, &rule.name, unit));
             return Ok((series.clone(), (rule.min, rule.max)));
         }
-        if let Some(series) = rules.extra.get(&raw.field) {
+        if let Some(series) = rules.extra.get(&*raw.field) {
             return Ok((series.clone(), (None, None)));
         }
         if !rules.metrics.is_empty() && self.limits.unknown_metrics == UnknownMetrics::Reject {
