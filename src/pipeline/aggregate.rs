@@ -38,7 +38,7 @@ pub fn ack_threshold(config: &Config) -> usize {
 impl Batcher {
     pub fn new(widths: Vec<Millis>, max_readings: usize, ack_threshold: usize) -> Self {
         Self {
-            batch: empty(&widths),
+            batch: empty(&widths, 0),
             widths,
             max_readings,
             ack_threshold,
@@ -102,13 +102,16 @@ impl Batcher {
 
     pub fn take(&mut self) -> Batch {
         self.keys.clear();
-        std::mem::replace(&mut self.batch, empty(&self.widths))
+        // The next batch is likely about as big: room for its readings up front, rather
+        // than grown (and copied) by doubling. At most `max_readings` and a message more.
+        let next = empty(&self.widths, self.batch.readings.len());
+        std::mem::replace(&mut self.batch, next)
     }
 }
 
-fn empty(widths: &[Millis]) -> Batch {
+fn empty(widths: &[Millis], readings: usize) -> Batch {
     Batch {
-        readings: Vec::new(),
+        readings: Vec::with_capacity(readings),
         rejections: Vec::new(),
         statuses: Vec::new(),
         rollups: Rollups::new(widths.to_vec()),
