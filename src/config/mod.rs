@@ -70,7 +70,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             path: "/var/lib/sensorgate/sensorgate.db".into(),
-            batch_size: 10_000,
+            batch_size: 50_000,
             flush_interval: Duration::from_millis(100),
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
