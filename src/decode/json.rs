@@ -61,8 +61,15 @@ fn decode_flat(decoder: &Decoder, payload: &[u8]) -> Option<Decoded> {
     }
 }
 
+/// The most keys [`decode_flat`] looks for: their values are picked into an array on the
+/// stack, not into an allocation per payload.
+const MAX_FLAT_KEYS: usize = 8;
+/// The values [`decode_flat`] picked, by key.
+type PickedValues = [Option<Value>; MAX_FLAT_KEYS];
+
 /// What [`decode_flat`] looks for: the configured fields and the timestamp field, each
-/// once, when there are fields and none is a dotted path.
+/// once, when there are fields, none is a dotted path and they are at most
+/// [`MAX_FLAT_KEYS`].
 pub(super) fn flat_keys(
     fields: &[Arc<str>],
     timestamp_field: Option<&str>,
@@ -80,7 +87,7 @@ pub(super) fn flat_keys(
             keys.push(key.clone());
         }
     }
-    Some(keys)
+    (keys.len() <= MAX_FLAT_KEYS).then_some(keys)
 }
 
 /// The values of `keys` in a JSON object, the last of each when a key repeats (as a parsed
@@ -90,7 +97,7 @@ struct Picked<'k> {
 }
 
 impl<'de> DeserializeSeed<'de> for Picked<'_> {
-    type Value = Vec<Option<Value>>;
+    type Value = PickedValues;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, input: D) -> Result<Self::Value, D::Error> {
         input.deserialize_map(self)
@@ -98,14 +105,14 @@ impl<'de> DeserializeSeed<'de> for Picked<'_> {
 }
 
 impl<'de> Visitor<'de> for Picked<'_> {
-    type Value = Vec<Option<Value>>;
+    type Value = PickedValues;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut values = vec![None; self.keys.len()];
+        let mut values: PickedValues = Default::default();
         while let Some(slot) = map.next_key_seed(KeySlot { keys: self.keys })? {
             match slot {
                 Some(slot) => values[slot] = Some(map.next_value()?),

@@ -19,7 +19,13 @@ pub struct Batcher {
     /// flush interval: see [`ack_threshold`].
     ack_threshold: usize,
     batch: Batch,
-    keys: FastSet<(SeriesKey, Millis)>,
+    /// By series key: the latest time among the batch's readings of that series. A reading
+    /// after it repeats none of them, which is the common case (sensors count forward), and
+    /// costs no lookup.
+    latest: Vec<Millis>,
+    /// Every key in the batch, once a reading came that was not after its series' latest:
+    /// built from the batch then, and kept up until the batch is taken.
+    keys: Option<FastSet<(SeriesKey, Millis)>>,
 }
 
 /// Half the smallest `max_unacked` of the config's brokers. A broker sends nothing more
@@ -42,7 +48,8 @@ impl Batcher {
             widths,
             max_readings,
             ack_threshold,
-            keys: FastSet::default(),
+            latest: Vec::new(),
+            keys: None,
         }
     }
 
@@ -52,7 +59,28 @@ impl Batcher {
         let batch = &mut self.batch;
         batch.messages += 1;
         for reading in checked.readings {
-            if self.keys.insert((reading.series.key(), reading.time)) {
+            let series = reading.series.key();
+            let slot = series.0 as usize;
+            if self.latest.len() <= slot {
+                self.latest.resize(slot + 1, Millis::MIN);
+            }
+            let after_latest = reading.time > self.latest[slot];
+            let keys = match &mut self.keys {
+                Some(keys) => Some(keys),
+                None if after_latest => None,
+                None => Some(
+                    self.keys.insert(
+                        batch
+                            .readings
+                            .iter()
+                            .map(|r| (r.series.key(), r.time))
+                            .collect(),
+                    ),
+                ),
+            };
+            let fresh = keys.is_none_or(|keys| keys.insert((series, reading.time)));
+            if fresh {
+                self.latest[slot] = self.latest[slot].max(reading.time);
                 batch.rollups.add(&reading);
                 batch.readings.push(reading);
             } else {
@@ -101,7 +129,8 @@ impl Batcher {
     }
 
     pub fn take(&mut self) -> Batch {
-        self.keys.clear();
+        self.keys = None;
+        self.latest.fill(Millis::MIN);
         // The next batch is likely about as big: room for its readings up front, rather
         // than grown (and copied) by doubling. At most `max_readings` and a message more.
         let next = empty(&self.widths, self.batch.readings.len());
@@ -165,6 +194,66 @@ mod tests {
         let cells: Vec<_> = batch.rollups.iter().collect();
         assert_eq!(cells.len(), 1);
         assert_eq!(cells[0].1.count, 1);
+    }
+
+    #[test]
+    fn a_repeat_is_found_among_in_order_readings_late_ones_and_across_series() {
+        let mut b = Batcher::new(vec![60_000], 100, usize::MAX);
+        let d = DeviceId::new("d");
+        let other = |time| {
+            let mut r = reading(time, 0.0);
+            r.series = Series::new(SeriesInfo {
+                key: SeriesKey(3),
+                device: d.clone(),
+                metric: Arc::from("h"),
+                unit: None,
+            });
+            r
+        };
+        let times = [1, 2, 3, 2, 0, 0, 4, 1, 5];
+        let mut readings: Vec<Reading> = times.iter().map(|&t| reading(t, 1.0)).collect();
+        // The same times in another series are no repeats.
+        readings.extend([other(2), other(1), other(2)]);
+        for r in readings {
+            b.push(
+                &d,
+                Checked {
+                    readings: vec![r],
+                    rejections: vec![],
+                },
+                None,
+            );
+        }
+        let batch = b.take();
+        let kept: Vec<_> = batch
+            .readings
+            .iter()
+            .map(|r| (r.series.key().0, r.time))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (0, 1),
+                (0, 2),
+                (0, 3),
+                (0, 0),
+                (0, 4),
+                (0, 5),
+                (3, 2),
+                (3, 1)
+            ]
+        );
+        assert_eq!(batch.duplicates[&d], 4);
+        // A new batch starts with nothing seen.
+        b.push(
+            &d,
+            Checked {
+                readings: vec![reading(1, 1.0)],
+                rejections: vec![],
+            },
+            None,
+        );
+        assert_eq!(b.take().readings.len(), 1);
     }
 
     #[test]

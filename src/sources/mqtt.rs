@@ -322,6 +322,9 @@ impl Session {
         // When the last read of the socket found only a few messages, the next waits until
         // this, so more gather (see READ_PAUSE).
         let mut read_at = Instant::now();
+        // When the last read from the socket returned: the receive time of every publish
+        // it brought, including those rumqttc parsed from it and hands out later.
+        let mut read_received_at = now_millis();
         // The most publishes one read has brought: what a read takes when more are waiting.
         let mut full_burst = 1;
 
@@ -448,6 +451,7 @@ impl Session {
                     // fewer means the socket had no more, and reading again at once would
                     // find only a few.
                     if !buffered {
+                        read_received_at = now_millis();
                         // Packets this read brought; events rumqttc queued itself (a
                         // PubComp answering a PubRel) were not read.
                         let burst = 1 + eventloop
@@ -461,7 +465,7 @@ impl Session {
                             read_at = Instant::now() + READ_PAUSE;
                         }
                     }
-                    self.receive(publish, &mut pending);
+                    self.receive(publish, read_received_at, &mut pending);
                     // The rest of this read, parsed already, is taken now rather than one
                     // loop turn each, as far as max_unacked allows.
                     let mut unacked = window_len + 1;
@@ -475,7 +479,7 @@ impl Session {
                         if let Some(Event::Incoming(Packet::Publish(publish))) =
                             eventloop.state.events.pop_front()
                         {
-                            self.receive(publish, &mut pending);
+                            self.receive(publish, read_received_at, &mut pending);
                             unacked += 1;
                         }
                     }
@@ -618,8 +622,7 @@ impl Session {
         self.subscribe(client, new);
     }
 
-    fn receive(&self, publish: Publish, pending: &mut VecDeque<Pending>) {
-        let received_at = now_millis();
+    fn receive(&self, publish: Publish, received_at: Millis, pending: &mut VecDeque<Pending>) {
         let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
             // Only what the acknowledgement needs; the payload travels with the delivery.
             let marker = Publish {
