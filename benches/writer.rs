@@ -21,7 +21,7 @@ use sensorgate::storage::{Batch, Writer, open_for_writing};
 use sensorgate::telemetry::Telemetry;
 
 const DEVICES: usize = 100;
-const BATCH_SIZES: [usize; 4] = [100, 500, 2_000, 10_000];
+const BATCH_SIZES: [usize; 5] = [100, 500, 2_000, 10_000, 25_000];
 const REPS: usize = 3;
 
 fn main() {
