@@ -541,13 +541,14 @@ impl Writer {
         let mut fresh = new_keys
             .as_ref()
             .map(|_| Rollups::new(batch.rollups.widths().to_vec()));
+        // Counted per series key first, an index per reading rather than a hash.
+        let mut per_series = vec![DeviceDelta::default(); self.series.len()];
         for reading in &batch.readings {
-            let ids = self.ids(reading);
-            let delta = per_device.entry(ids.device).or_default();
+            let delta = &mut per_series[reading.series.key().0 as usize];
             delta.last_seen = delta.last_seen.max(reading.received_at);
             let is_new = new_keys
                 .as_ref()
-                .is_none_or(|keys| keys.contains(&(ids.series, reading.time)));
+                .is_none_or(|keys| keys.contains(&(self.ids(reading).series, reading.time)));
             if is_new {
                 delta.readings += 1;
                 if let Some(fresh) = &mut fresh {
@@ -555,6 +556,16 @@ impl Writer {
                 }
             } else {
                 delta.duplicates += 1;
+            }
+        }
+        for (ids, counted) in self.series.iter().zip(&per_series) {
+            if let Some(ids) = ids
+                && counted.readings + counted.duplicates > 0
+            {
+                let delta = per_device.entry(ids.device).or_default();
+                delta.last_seen = delta.last_seen.max(counted.last_seen);
+                delta.readings += counted.readings;
+                delta.duplicates += counted.duplicates;
             }
         }
         for (device, n) in &batch.duplicates {
@@ -625,18 +636,15 @@ impl Writer {
     /// and the others into `readings_recent`, in time order. In key order, consecutive
     /// rows land on the same B-tree page.
     fn place<'b>(&self, readings: &'b [Reading]) -> (Vec<SeriesRow<'b>>, Vec<SeriesRow<'b>>) {
-        let mut per_series: FastMap<i64, usize> = FastMap::default();
-        let rows: Vec<SeriesRow> = readings
+        // By series key: an index per reading rather than a hash.
+        let mut per_series = vec![0usize; self.series.len()];
+        for r in readings {
+            per_series[r.series.key().0 as usize] += 1;
+        }
+        let (mut archive, mut recent): (Vec<_>, Vec<_>) = readings
             .iter()
-            .map(|r| {
-                let series = self.ids(r).series;
-                *per_series.entry(series).or_default() += 1;
-                (series, r)
-            })
-            .collect();
-        let (mut archive, mut recent): (Vec<_>, Vec<_>) = rows
-            .into_iter()
-            .partition(|(series, _)| per_series[series] >= ARCHIVE_DIRECTLY_AT);
+            .map(|r| (self.ids(r).series, r))
+            .partition(|(_, r)| per_series[r.series.key().0 as usize] >= ARCHIVE_DIRECTLY_AT);
         archive.sort_unstable_by_key(|(series, r)| (*series, r.time));
         recent.sort_unstable_by_key(|(series, r)| (r.time, *series));
         (archive, recent)
@@ -810,7 +818,7 @@ enum Written {
     HadDuplicates,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct DeviceDelta {
     last_seen: Millis,
     readings: u64,
