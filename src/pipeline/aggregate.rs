@@ -12,6 +12,11 @@ use crate::storage::Batch;
 
 use super::validate::Checked;
 
+/// Raw bytes of rejected payloads that fill a batch whatever its row count. A rejection
+/// keeps its payload, up to the 1 MiB packet limit: without this a flood of large malformed
+/// payloads would hold `batch_size` of them in memory at once.
+pub const MAX_REJECTED_BYTES: usize = 8 << 20;
+
 pub struct Batcher {
     widths: Vec<Millis>,
     max_readings: usize,
@@ -26,6 +31,8 @@ pub struct Batcher {
     /// Every key in the batch, once a reading came that was not after its series' latest:
     /// built from the batch then, and kept up until the batch is taken.
     keys: Option<FastSet<(SeriesKey, Millis)>>,
+    /// Raw payload bytes of the batch's rejections.
+    rejected_bytes: usize,
 }
 
 /// Half the smallest `max_unacked` of the config's brokers. A broker sends nothing more
@@ -50,6 +57,7 @@ impl Batcher {
             ack_threshold,
             latest: Vec::new(),
             keys: None,
+            rejected_bytes: 0,
         }
     }
 
@@ -87,6 +95,11 @@ impl Batcher {
                 *batch.duplicates.entry(device.clone()).or_default() += 1;
             }
         }
+        self.rejected_bytes += checked
+            .rejections
+            .iter()
+            .map(|r| r.raw.len())
+            .sum::<usize>();
         batch.rejections.extend(checked.rejections);
         batch.tickets.extend(ticket);
     }
@@ -120,6 +133,7 @@ impl Batcher {
     pub fn is_full(&self) -> bool {
         self.batch.readings.len() + self.batch.rejections.len() >= self.max_readings
             || self.batch.tickets.len() >= self.max_readings
+            || self.rejected_bytes >= MAX_REJECTED_BYTES
     }
 
     /// Enough of its messages wait for acknowledgement that a broker may be holding back
@@ -131,6 +145,7 @@ impl Batcher {
     pub fn take(&mut self) -> Batch {
         self.keys = None;
         self.latest.fill(Millis::MIN);
+        self.rejected_bytes = 0;
         // The next batch is likely about as big: room for its readings up front, rather
         // than grown (and copied) by doubling. At most `max_readings` and a message more.
         let next = empty(&self.widths, self.batch.readings.len());
@@ -156,7 +171,9 @@ fn empty(widths: &[Millis], readings: usize) -> Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reading::{Reading, ReadingFlags, Series, SeriesInfo};
+    use crate::reading::{
+        Bytes, Reading, ReadingFlags, RejectReason, Rejection, Series, SeriesInfo,
+    };
 
     fn reading(time: Millis, value: f64) -> Reading {
         Reading {
@@ -336,5 +353,32 @@ mod tests {
         assert!(b.is_full());
         b.take();
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn is_full_once_its_rejections_hold_max_rejected_bytes() {
+        let mut b = Batcher::new(vec![60_000], 1_000_000, usize::MAX);
+        let d = DeviceId::new("d");
+        let big = Bytes::from(vec![b'x'; 1 << 20]);
+        let rejected = || Checked {
+            readings: vec![],
+            rejections: vec![Rejection {
+                device: Some(DeviceId::new("d")),
+                source: Arc::from("t"),
+                received_at: 0,
+                reason: RejectReason::Malformed,
+                detail: "invalid JSON".into(),
+                raw: big.clone(),
+            }],
+        };
+        for _ in 0..(MAX_REJECTED_BYTES >> 20) - 1 {
+            b.push(&d, rejected(), None);
+        }
+        assert!(!b.is_full());
+        b.push(&d, rejected(), None);
+        assert!(b.is_full());
+        assert_eq!(b.take().rejections.len(), MAX_REJECTED_BYTES >> 20);
+        b.push(&d, rejected(), None);
+        assert!(!b.is_full(), "a new batch starts with no bytes");
     }
 }
