@@ -175,6 +175,14 @@ mod tests {
         Bytes, Reading, ReadingFlags, RejectReason, Rejection, Series, SeriesInfo,
     };
 
+    /// A message's outcome: `reading`, nothing rejected.
+    fn only(reading: Reading) -> Checked {
+        Checked {
+            readings: vec![reading],
+            rejections: vec![],
+        }
+    }
+
     fn reading(time: Millis, value: f64) -> Reading {
         Reading {
             series: Series::new(SeriesInfo {
@@ -195,14 +203,7 @@ mod tests {
         let mut b = Batcher::new(vec![60_000], 100, usize::MAX);
         let d = DeviceId::new("d");
         for _ in 0..2 {
-            b.push(
-                &d,
-                Checked {
-                    readings: vec![reading(1000, 1.0)],
-                    rejections: vec![],
-                },
-                None,
-            );
+            b.push(&d, only(reading(1000, 1.0)), None);
         }
         let batch = b.take();
         assert_eq!(batch.readings.len(), 1);
@@ -232,14 +233,7 @@ mod tests {
         // The same times in another series are no repeats.
         readings.extend([other(2), other(1), other(2)]);
         for r in readings {
-            b.push(
-                &d,
-                Checked {
-                    readings: vec![r],
-                    rejections: vec![],
-                },
-                None,
-            );
+            b.push(&d, only(r), None);
         }
         let batch = b.take();
         let kept: Vec<_> = batch
@@ -262,14 +256,7 @@ mod tests {
         );
         assert_eq!(batch.duplicates[&d], 4);
         // A new batch starts with nothing seen.
-        b.push(
-            &d,
-            Checked {
-                readings: vec![reading(1, 1.0)],
-                rejections: vec![],
-            },
-            None,
-        );
+        b.push(&d, only(reading(1, 1.0)), None);
         assert_eq!(b.take().readings.len(), 1);
     }
 
@@ -333,23 +320,9 @@ mod tests {
     fn is_full_at_the_configured_size() {
         let mut b = Batcher::new(vec![60_000], 2, usize::MAX);
         let d = DeviceId::new("d");
-        b.push(
-            &d,
-            Checked {
-                readings: vec![reading(1, 1.0)],
-                rejections: vec![],
-            },
-            None,
-        );
+        b.push(&d, only(reading(1, 1.0)), None);
         assert!(!b.is_full());
-        b.push(
-            &d,
-            Checked {
-                readings: vec![reading(2, 1.0)],
-                rejections: vec![],
-            },
-            None,
-        );
+        b.push(&d, only(reading(2, 1.0)), None);
         assert!(b.is_full());
         b.take();
         assert!(b.is_empty());
