@@ -1,11 +1,10 @@
 //! JSON objects (or arrays of objects): metrics are fields or dotted paths.
 
-use std::fmt;
 use std::sync::Arc;
 
-use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
+use super::flat_json::{self, Scalar};
 use super::{Decoder, epoch_to_millis, parse_rfc3339, truncate};
 use crate::reading::{DecodeError, Decoded, Millis, RawReading};
 
@@ -42,34 +41,56 @@ fn decode_document(decoder: &Decoder, payload: &[u8]) -> Decoded {
     }
 }
 
-/// The common case without building the document: one object, configured fields and
-/// timestamp that are top-level keys. Only their values are kept; everything else is
-/// skipped as it is parsed. `None` leaves the payload to the general path, which also words
-/// every error (this path gives up on any).
+/// The common case without building the document: one flat object ([`flat_json`]) holding
+/// the configured fields and timestamp as top-level keys. `None` leaves the payload to the
+/// general path, which also words every error (this path gives up on any).
 fn decode_flat(decoder: &Decoder, payload: &[u8]) -> Option<Decoded> {
     let keys = decoder.flat_keys.as_deref()?;
-    let mut input = serde_json::Deserializer::from_slice(payload);
-    let values = Picked { keys }.deserialize(&mut input).ok()?;
-    input.end().ok()?;
-    let find = |path: &str| {
-        let slot = keys.iter().position(|k| **k == *path)?;
-        values[slot].as_ref()
+    let picked = flat_json::scan(payload, keys)?;
+    let find = |path: &str| picked[keys.iter().position(|k| **k == *path)?];
+    let source_time = match &decoder.timestamp_field {
+        Some(path) => match find(path) {
+            Some(value) => Some(flat_timestamp(value)?),
+            None => None,
+        },
+        None => None,
     };
-    match configured(decoder, find) {
-        Ok(readings) => Some(Ok(readings)),
-        Err(_) => None,
+    let mut readings = Vec::with_capacity(decoder.fields.len());
+    for field in &decoder.fields {
+        if let Some(value) = find(field) {
+            readings.push(RawReading {
+                field: field.clone(),
+                value: flat_number(value)?,
+                unit: None,
+                source_time,
+            });
+        }
+    }
+    (!readings.is_empty()).then_some(Ok(readings))
+}
+
+/// What [`number`] makes of the same value in a parsed document.
+fn flat_number(value: Scalar<'_>) -> Option<f64> {
+    match value {
+        Scalar::Number(n) => Some(n),
+        Scalar::Bool(b) => Some(f64::from(u8::from(b))),
+        Scalar::Str(s) => s.trim().parse().ok(),
+        Scalar::Null => None,
     }
 }
 
-/// The most keys [`decode_flat`] looks for: their values are picked into an array on the
-/// stack, not into an allocation per payload.
-const MAX_FLAT_KEYS: usize = 8;
-/// The values [`decode_flat`] picked, by key.
-type PickedValues = [Option<Value>; MAX_FLAT_KEYS];
+/// What [`timestamp`] makes of the same value in a parsed document.
+fn flat_timestamp(value: Scalar<'_>) -> Option<Millis> {
+    match value {
+        Scalar::Number(n) => epoch_to_millis(n),
+        Scalar::Str(s) => parse_rfc3339(s).or_else(|| s.parse().ok().and_then(epoch_to_millis)),
+        Scalar::Bool(_) | Scalar::Null => None,
+    }
+}
 
 /// What [`decode_flat`] looks for: the configured fields and the timestamp field, each
 /// once, when there are fields, none is a dotted path and they are at most
-/// [`MAX_FLAT_KEYS`].
+/// [`flat_json::MAX_KEYS`].
 pub(super) fn flat_keys(
     fields: &[Arc<str>],
     timestamp_field: Option<&str>,
@@ -87,67 +108,7 @@ pub(super) fn flat_keys(
             keys.push(key.clone());
         }
     }
-    (keys.len() <= MAX_FLAT_KEYS).then_some(keys)
-}
-
-/// The values of `keys` in a JSON object, the last of each when a key repeats (as a parsed
-/// `Value` keeps it).
-struct Picked<'k> {
-    keys: &'k [Arc<str>],
-}
-
-impl<'de> DeserializeSeed<'de> for Picked<'_> {
-    type Value = PickedValues;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, input: D) -> Result<Self::Value, D::Error> {
-        input.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Picked<'_> {
-    type Value = PickedValues;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut values: PickedValues = Default::default();
-        while let Some(slot) = map.next_key_seed(KeySlot { keys: self.keys })? {
-            match slot {
-                Some(slot) => values[slot] = Some(map.next_value()?),
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(values)
-    }
-}
-
-/// Which of `keys` a key is, compared without copying it.
-struct KeySlot<'k> {
-    keys: &'k [Arc<str>],
-}
-
-impl<'de> DeserializeSeed<'de> for KeySlot<'_> {
-    type Value = Option<usize>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, input: D) -> Result<Self::Value, D::Error> {
-        input.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeySlot<'_> {
-    type Value = Option<usize>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a key")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.keys.iter().position(|k| **k == *key))
-    }
+    (keys.len() <= flat_json::MAX_KEYS).then_some(keys)
 }
 
 fn decode_object(decoder: &Decoder, object: &Value) -> Decoded {

@@ -1,6 +1,7 @@
 //! Pure payload decoders: bytes in, [`RawReading`]s or a [`DecodeError`] out. No I/O, no
 //! clock: the receive time is passed in for formats with relative times.
 
+mod flat_json;
 mod json;
 pub mod registers;
 mod senml;
