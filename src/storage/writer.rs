@@ -57,10 +57,9 @@ static INSERT_ARCHIVE: MultiRow = MultiRow::new(
 );
 /// As [`INSERT_ARCHIVE`] when `readings_recent` is empty: no key to look up there.
 static INSERT_ARCHIVE_ONLY: MultiRow = MultiRow::new(
-    "INSERT INTO readings_archive (series_id, ts, received_at, value, flags) \
-     SELECT column2, column1, column3, column4, column5 FROM (",
+    "INSERT INTO readings_archive (ts, series_id, received_at, value, flags)",
     5,
-    ") AS v WHERE true ON CONFLICT DO NOTHING",
+    " ON CONFLICT DO NOTHING",
 );
 /// As [`INSERT_ARCHIVE`], naming the rows it inserted.
 static INSERT_ARCHIVE_RETURNING: MultiRow = MultiRow::new(
@@ -641,12 +640,43 @@ impl Writer {
         for r in readings {
             per_series[r.series.key().0 as usize] += 1;
         }
-        let (mut archive, mut recent): (Vec<_>, Vec<_>) = readings
+        let archived = |r: &Reading| per_series[r.series.key().0 as usize] >= ARCHIVE_DIRECTLY_AT;
+        let mut recent: Vec<SeriesRow<'b>> = readings
             .iter()
+            .filter(|r| !archived(r))
             .map(|r| (self.ids(r).series, r))
-            .partition(|(_, r)| per_series[r.series.key().0 as usize] >= ARCHIVE_DIRECTLY_AT);
-        archive.sort_unstable_by_key(|(series, r)| (*series, r.time));
+            .collect();
         recent.sort_unstable_by_key(|(series, r)| (r.time, *series));
+        let Some(first) = readings.iter().find(|r| archived(r)) else {
+            return (Vec::new(), recent);
+        };
+        // A counting sort by series: each archived series gets a range, in the order of
+        // their database ids, and its readings keep their arrival order there, which is
+        // time order unless some came late.
+        let mut slots: Vec<usize> = (0..per_series.len())
+            .filter(|&slot| per_series[slot] >= ARCHIVE_DIRECTLY_AT)
+            .collect();
+        slots.sort_unstable_by_key(|&slot| self.series[slot].map(|ids| ids.series));
+        let mut next = vec![0usize; per_series.len()];
+        let mut ranges = Vec::with_capacity(slots.len());
+        let mut end = 0;
+        for slot in slots {
+            next[slot] = end;
+            ranges.push(end..end + per_series[slot]);
+            end += per_series[slot];
+        }
+        let mut archive = vec![(0, first); end];
+        for r in readings.iter().filter(|r| archived(r)) {
+            let at = &mut next[r.series.key().0 as usize];
+            archive[*at] = (self.ids(r).series, r);
+            *at += 1;
+        }
+        for range in ranges {
+            let rows = &mut archive[range];
+            if !rows.is_sorted_by_key(|(_, r)| r.time) {
+                rows.sort_unstable_by_key(|(_, r)| r.time);
+            }
+        }
         (archive, recent)
     }
 
