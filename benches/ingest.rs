@@ -7,12 +7,17 @@
 //!   to SQLite (synchronous=FULL, WAL) with rollups, and at QoS 1 acknowledged after commit.
 //!
 //! Rates run from the first publish to the last delivery (ceiling) or the last commit
-//! (gateway); the table shows medians, their ratio, and the gateway process's CPU per
-//! message and peak resident memory. Then the budgets at a steady pace, QoS 1, 100 devices,
+//! (gateway); the table shows medians, their ratio, the broker's CPU per message in the
+//! ceiling runs, and the gateway process's CPU per message and peak resident memory. While
+//! a flood is being published the harness reads nothing from the gateway's database, so
+//! it takes no CPU from the gateway. Then the budgets at a steady pace, QoS 1, 100 devices,
 //! 10 s: at 5,000 msg/s the gateway's share of one core and its peak RSS, at 10,000 msg/s
 //! the latency from publish to commit.
 //!
-//! `BENCH_MESSAGES` sets the messages per run (default 200,000), `BENCH_QOS` runs one level.
+//! `BENCH_MESSAGES` sets the messages per run (default 1,000,000: at QoS 0 a run lasts
+//! about 3 s, so start-up and the last commit weigh little), `BENCH_QOS` runs one level,
+//! and `BENCH_BASELINE=path/to/another/sensorgate` runs that binary beside this build in
+//! every repetition, against the same ceiling, to compare two builds side by side.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,8 +47,11 @@ async fn run() {
     let messages: u64 = std::env::var("BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+        .unwrap_or(1_000_000);
     let only: Option<u8> = std::env::var("BENCH_QOS").ok().and_then(|v| v.parse().ok());
+    let baseline = std::env::var_os("BENCH_BASELINE").map(PathBuf::from);
+    let mut builds = vec![("this build", PathBuf::from(BIN))];
+    builds.extend(baseline.map(|bin| ("baseline", bin)));
     let mosquitto = Mosquitto::start();
     println!(
         "ingest benchmark: {messages} JSON messages (2 readings each) per run from {DEVICES} devices, \
@@ -56,39 +64,65 @@ async fn run() {
         .filter(|q| only.is_none_or(|o| o == *q))
     {
         let mut ceiling = Vec::new();
-        let mut gateway = Vec::new();
+        let mut broker_cpu = Vec::new();
+        let mut gateway: Vec<Vec<GatewayRun>> = builds.iter().map(|_| Vec::new()).collect();
         for rep in 0..REPS {
             let prefix = format!("bench{qos}r{rep}");
             let plan = scenario(&prefix, messages).messages().collect::<Vec<_>>();
-            ceiling.push(broker_ceiling(mosquitto.port, &prefix, &plan, qos).await);
-            let prefix = format!("bench{qos}g{rep}");
-            let run = gateway_run(
-                mosquitto.port,
-                &scenario(&prefix, messages),
-                Pace::Unlimited,
-                qos,
-            )
-            .await;
+            let before = cpu_time(mosquitto.pid());
+            let rate = broker_ceiling(mosquitto.port, &prefix, &plan, qos).await;
+            let cpu = per_message(cpu_time(mosquitto.pid()) - before, messages);
             eprintln!(
-                "  qos {qos} rep {rep}: broker {:.0}/s, gateway {:.0}/s, {:.2} µs CPU/msg, {:.1} MiB",
-                ceiling[rep], run.rate, run.cpu_per_message, run.peak_rss_mib
+                "  qos {qos} rep {rep}: broker ceiling {rate:.0}/s, broker {cpu:.2} µs CPU/msg"
             );
-            gateway.push(run);
+            ceiling.push(rate);
+            broker_cpu.push(cpu);
+            for ((name, bin), runs) in builds.iter().zip(&mut gateway) {
+                let prefix = format!("bench{qos}g{rep}{}", runs.len());
+                let before = cpu_time(mosquitto.pid());
+                let run = gateway_run(
+                    bin,
+                    mosquitto.port,
+                    &scenario(&prefix, messages),
+                    Pace::Unlimited,
+                    qos,
+                )
+                .await;
+                eprintln!(
+                    "  qos {qos} rep {rep}: {name} {:.0}/s (published in {:.2} s, committed in {:.2} s), \
+                     {:.2} µs CPU/msg, {:.1} MiB; broker {:.2} µs CPU/msg",
+                    run.rate,
+                    run.published.as_secs_f64(),
+                    run.elapsed.as_secs_f64(),
+                    run.cpu_per_message,
+                    run.peak_rss_mib,
+                    per_message(cpu_time(mosquitto.pid()) - before, messages),
+                );
+                runs.push(run);
+            }
         }
         let c = median(ceiling.iter().copied());
-        let g = median(gateway.iter().map(|r| r.rate));
-        let cpu = median(gateway.iter().map(|r| r.cpu_per_message));
-        let rss = median(gateway.iter().map(|r| r.peak_rss_mib));
-        rows.push((qos, c, g, cpu, rss));
+        let broker_cpu = median(broker_cpu.into_iter());
+        for ((name, _), runs) in builds.iter().zip(&gateway) {
+            let g = median(runs.iter().map(|r| r.rate));
+            let cpu = median(runs.iter().map(|r| r.cpu_per_message));
+            let rss = median(runs.iter().map(|r| r.peak_rss_mib));
+            let label = if builds.len() > 1 {
+                format!("{qos} ({name})")
+            } else {
+                qos.to_string()
+            };
+            rows.push((label, c, broker_cpu, g, cpu, rss));
+        }
     }
     println!();
     println!(
-        "| QoS | broker ceiling (msg/s) | gateway into SQLite (msg/s) | ratio | gateway CPU per message (µs) | gateway peak RSS (MiB) |"
+        "| QoS | broker ceiling (msg/s) | broker CPU per message (µs) | gateway into SQLite (msg/s) | ratio | gateway CPU per message (µs) | gateway peak RSS (MiB) |"
     );
-    println!("|----:|---:|---:|---:|---:|---:|");
-    for (qos, c, g, cpu, rss) in rows {
+    println!("|----:|---:|---:|---:|---:|---:|---:|");
+    for (label, c, broker_cpu, g, cpu, rss) in rows {
         println!(
-            "| {qos} | {c:.0} | {g:.0} | {:.2} | {cpu:.2} | {rss:.1} |",
+            "| {label} | {c:.0} | {broker_cpu:.2} | {g:.0} | {:.2} | {cpu:.2} | {rss:.1} |",
             g / c
         );
     }
@@ -104,7 +138,14 @@ async fn run() {
             (10_000.0, "p99 under 250 ms"),
         ] {
             let steady = scenario(&format!("steady{rate}"), (rate * 10.0) as u64);
-            let run = gateway_run(mosquitto.port, &steady, Pace::Steady(rate), 1).await;
+            let run = gateway_run(
+                Path::new(BIN),
+                mosquitto.port,
+                &steady,
+                Pace::Steady(rate),
+                1,
+            )
+            .await;
             let (p50, p99) = run.latency.unwrap_or_default();
             println!(
                 "| {rate:.0} msg/s (budget: {budget}) | {:.1} | {:.1} | {:.0} / {:.0} |",
@@ -196,9 +237,19 @@ struct GatewayRun {
     peak_rss_mib: f64,
     /// At a steady pace: the median and 99th percentile of publish-to-commit latency.
     latency: Option<(Duration, Duration)>,
+    /// From the first publish until the publisher had sent the last message.
+    published: Duration,
+    /// From the first publish until every reading was committed.
+    elapsed: Duration,
 }
 
-async fn gateway_run(port: u16, scenario: &Scenario, pace: Pace, qos: u8) -> GatewayRun {
+async fn gateway_run(
+    bin: &Path,
+    port: u16,
+    scenario: &Scenario,
+    pace: Pace,
+    qos: u8,
+) -> GatewayRun {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("bench.db");
     let mut text = format!(
@@ -214,7 +265,7 @@ async fn gateway_run(port: u16, scenario: &Scenario, pace: Pace, qos: u8) -> Gat
     );
     let config = dir.path().join("gateway.toml");
     std::fs::write(&config, text).expect("config");
-    let mut gateway = Process::start(&config, &dir.path().join("gateway.log"));
+    let mut gateway = Process::start(bin, &config, &dir.path().join("gateway.log"));
     let pool = read_pool(&db).await;
     wait(|| async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM devices WHERE state = 'connected'")
@@ -227,7 +278,7 @@ async fn gateway_run(port: u16, scenario: &Scenario, pace: Pace, qos: u8) -> Gat
     let want = scenario.total_messages() as i64 * 2;
     let client_id = format!("{}-pub", scenario.topic_prefix);
     let plan: Vec<Planned> = scenario.messages().collect();
-    let cpu_before = gateway.cpu_time();
+    let cpu_before = cpu_time(gateway.child.id());
     let start = Instant::now();
     let publishing = tokio::spawn(async move {
         publish(
@@ -242,6 +293,16 @@ async fn gateway_run(port: u16, scenario: &Scenario, pace: Pace, qos: u8) -> Gat
         .await
     });
     let mut peak_rss = 0u64;
+    // A flood's rate needs only the time of the last commit, which comes after the last
+    // publish: until then the harness only samples memory and leaves the database (and the
+    // CPU it would spend reading it) to the gateway.
+    if matches!(pace, Pace::Unlimited) {
+        while !publishing.is_finished() {
+            peak_rss = peak_rss.max(gateway.rss_kib());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let published = start.elapsed();
     // When the stored count changed, and to what.
     let mut stored_at: Vec<(Duration, i64)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -264,7 +325,7 @@ async fn gateway_run(port: u16, scenario: &Scenario, pace: Pace, qos: u8) -> Gat
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = start.elapsed();
-    let cpu = gateway.cpu_time() - cpu_before;
+    let cpu = cpu_time(gateway.child.id()) - cpu_before;
     publishing
         .await
         .expect("publisher task")
@@ -273,8 +334,10 @@ async fn gateway_run(port: u16, scenario: &Scenario, pace: Pace, qos: u8) -> Gat
     gateway.stop();
     let messages = scenario.total_messages() as f64;
     GatewayRun {
+        published,
+        elapsed,
         rate: messages / elapsed.as_secs_f64(),
-        cpu_per_message: cpu.as_secs_f64() * 1e6 / messages,
+        cpu_per_message: per_message(cpu, scenario.total_messages()),
         cpu_share: cpu.as_secs_f64() / elapsed.as_secs_f64(),
         peak_rss_mib: peak_rss as f64 / 1024.0,
         latency: match pace {
@@ -320,9 +383,9 @@ struct Process {
 }
 
 impl Process {
-    fn start(config: &Path, log: &Path) -> Self {
+    fn start(bin: &Path, config: &Path, log: &Path) -> Self {
         let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(BIN)
+        let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
             .stdout(Stdio::null())
@@ -335,24 +398,6 @@ impl Process {
     fn proc_file(&self, name: &str) -> String {
         let path = PathBuf::from(format!("/proc/{}/{name}", self.child.id()));
         std::fs::read_to_string(path).unwrap_or_default()
-    }
-
-    /// User and system CPU time so far.
-    fn cpu_time(&self) -> Duration {
-        let stat = self.proc_file("stat");
-        // Fields after the parenthesised command name; utime and stime are the 12th and
-        // 13th, in clock ticks of 1/100 s.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        Duration::from_millis((ticks(11) + ticks(12)) * 10)
     }
 
     fn rss_kib(&self) -> u64 {
@@ -428,6 +473,28 @@ where
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// User and system CPU time of process `pid` so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th, in
+    // clock ticks of 1/100 s.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn per_message(cpu: Duration, messages: u64) -> f64 {
+    cpu.as_secs_f64() * 1e6 / messages as f64
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {

@@ -6,7 +6,8 @@
 //! the mean commit, and the bytes the process wrote per reading (WAL and checkpoints, from
 //! `/proc/self/io`): what the disk, or an SD card, has to take.
 //!
-//! Set `BENCH_MESSAGES` to change the message count per run (default 200,000).
+//! Set `BENCH_MESSAGES` to change the message count per run (default 200,000), and
+//! `BENCH_BATCH` to run one batch size once (for a profiler or `valgrind --tool=callgrind`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,12 +42,16 @@ fn main() {
         "| messages per batch | readings/s | CPU per reading (µs) | mean commit (ms) | bytes written per reading |"
     );
     println!("|---:|---:|---:|---:|---:|");
-    for batch_size in BATCH_SIZES {
-        let mut runs: Vec<Run> = (0..REPS)
+    let only: Option<usize> = std::env::var("BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let reps = if only.is_some() { 1 } else { REPS };
+    for batch_size in only.map_or(BATCH_SIZES.to_vec(), |b| vec![b]) {
+        let mut runs: Vec<Run> = (0..reps)
             .map(|_| runtime.block_on(run(messages, batch_size)))
             .collect();
         runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-        let median = &runs[REPS / 2];
+        let median = &runs[reps / 2];
         println!(
             "| {batch_size} | {:.0} | {:.2} | {:.2} | {:.0} |",
             median.rate,

@@ -66,6 +66,11 @@ impl Mosquitto {
         self.child = spawn(&self.conf, self.port);
     }
 
+    /// The broker's process id, for measuring what it costs.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the broker with SIGKILL; [`Mosquitto::restart`] brings it back.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
