@@ -1,6 +1,6 @@
 //! End-to-end ingest benchmark: `cargo bench --bench ingest`.
 //!
-//! Against one private Mosquitto, for QoS 0 and QoS 1, alternating `REPS` times:
+//! Against one private Mosquitto, for QoS 0 and QoS 1, alternating 5 times (`BENCH_REPS`):
 //! - the broker's ceiling: a subscriber that only counts, fed by the same publisher;
 //! - the gateway: the `sensorgate run` binary as its own process, as systemd runs it, with
 //!   the default config but for the devices; every message decoded, validated and committed
@@ -15,7 +15,8 @@
 //! the latency from publish to commit.
 //!
 //! `BENCH_MESSAGES` sets the messages per run (default 1,000,000: at QoS 0 a run lasts
-//! about 3 s, so start-up and the last commit weigh little), `BENCH_QOS` runs one level,
+//! about 3 s, so start-up and the last commit weigh little), `BENCH_REPS` the repetitions,
+//! `BENCH_QOS` runs one level,
 //! and `BENCH_BASELINE=path/to/another/sensorgate` runs that binary beside this build in
 //! every repetition, against the same ceiling, to compare two builds side by side.
 
@@ -31,7 +32,6 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use tokio_util::sync::CancellationToken;
 
-const REPS: usize = 5;
 const DEVICES: usize = 100;
 const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
 
@@ -49,13 +49,17 @@ async fn run() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let only: Option<u8> = std::env::var("BENCH_QOS").ok().and_then(|v| v.parse().ok());
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let baseline = std::env::var_os("BENCH_BASELINE").map(PathBuf::from);
     let mut builds = vec![("this build", PathBuf::from(BIN))];
     builds.extend(baseline.map(|bin| ("baseline", bin)));
     let mosquitto = Mosquitto::start();
     println!(
         "ingest benchmark: {messages} JSON messages (2 readings each) per run from {DEVICES} devices, \
-         median of {REPS}, Mosquitto on 127.0.0.1:{}",
+         median of {reps}, Mosquitto on 127.0.0.1:{}",
         mosquitto.port
     );
     let mut rows = Vec::new();
@@ -66,7 +70,7 @@ async fn run() {
         let mut ceiling = Vec::new();
         let mut broker_cpu = Vec::new();
         let mut gateway: Vec<Vec<GatewayRun>> = builds.iter().map(|_| Vec::new()).collect();
-        for rep in 0..REPS {
+        for rep in 0..reps {
             let prefix = format!("bench{qos}r{rep}");
             let plan = scenario(&prefix, messages).messages().collect::<Vec<_>>();
             let before = cpu_time(mosquitto.pid());
