@@ -156,10 +156,10 @@ pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, Stor
         })
         .busy_timeout(config.busy_timeout)
         .foreign_keys(false)
-        // Enough for every statement shape the writer uses (five multi-row statements in
-        // each of multirow::CHUNK_SIZES, and a dozen others); more would only hold memory for
-        // statements that are never run again.
-        .statement_cache_capacity(80)
+        // Enough for every statement shape the writer uses (eight multi-row statements in
+        // each of multirow::CHUNK_SIZES, and sixteen others), so none is evicted and prepared
+        // again; the cache holds only shapes that ran.
+        .statement_cache_capacity(120)
         // Negative: a size in KiB rather than in pages.
         .pragma(
             "cache_size",

@@ -630,54 +630,9 @@ impl Writer {
         })
     }
 
-    /// Splits a batch's readings by where they go: the series with at least
-    /// [`ARCHIVE_DIRECTLY_AT`] readings in it straight into the archive, in series order,
-    /// and the others into `readings_recent`, in time order. In key order, consecutive
-    /// rows land on the same B-tree page.
+    /// Splits a batch's readings by where they go: see [`place`].
     fn place<'b>(&self, readings: &'b [Reading]) -> (Vec<SeriesRow<'b>>, Vec<SeriesRow<'b>>) {
-        // By series key: an index per reading rather than a hash.
-        let mut per_series = vec![0usize; self.series.len()];
-        for r in readings {
-            per_series[r.series.key().0 as usize] += 1;
-        }
-        let archived = |r: &Reading| per_series[r.series.key().0 as usize] >= ARCHIVE_DIRECTLY_AT;
-        let mut recent: Vec<SeriesRow<'b>> = readings
-            .iter()
-            .filter(|r| !archived(r))
-            .map(|r| (self.ids(r).series, r))
-            .collect();
-        recent.sort_unstable_by_key(|(series, r)| (r.time, *series));
-        let Some(first) = readings.iter().find(|r| archived(r)) else {
-            return (Vec::new(), recent);
-        };
-        // A counting sort by series: each archived series gets a range, in the order of
-        // their database ids, and its readings keep their arrival order there, which is
-        // time order unless some came late.
-        let mut slots: Vec<usize> = (0..per_series.len())
-            .filter(|&slot| per_series[slot] >= ARCHIVE_DIRECTLY_AT)
-            .collect();
-        slots.sort_unstable_by_key(|&slot| self.series[slot].map(|ids| ids.series));
-        let mut next = vec![0usize; per_series.len()];
-        let mut ranges = Vec::with_capacity(slots.len());
-        let mut end = 0;
-        for slot in slots {
-            next[slot] = end;
-            ranges.push(end..end + per_series[slot]);
-            end += per_series[slot];
-        }
-        let mut archive = vec![(0, first); end];
-        for r in readings.iter().filter(|r| archived(r)) {
-            let at = &mut next[r.series.key().0 as usize];
-            archive[*at] = (self.ids(r).series, r);
-            *at += 1;
-        }
-        for range in ranges {
-            let rows = &mut archive[range];
-            if !rows.is_sorted_by_key(|(_, r)| r.time) {
-                rows.sort_unstable_by_key(|(_, r)| r.time);
-            }
-        }
-        (archive, recent)
+        place(readings, self.series.len(), |r| self.ids(r).series)
     }
 
     /// The ids of a reading's series. Every reading of a batch has them: `ensure_series`
@@ -869,6 +824,61 @@ async fn discard(conn: PoolConnection<Sqlite>) {
 }
 
 /// One reading's values in [`INSERT_READINGS`]' column order.
+/// Splits a batch's readings by where they go: the series with at least
+/// [`ARCHIVE_DIRECTLY_AT`] readings in it straight into the archive, in (series id, time)
+/// order, and the others into `readings_recent`, in (time, series id) order. In key order,
+/// consecutive rows land on the same B-tree page. `slots` bounds the readings' series keys;
+/// `series_id` gives a reading's database id.
+fn place(
+    readings: &[Reading],
+    slots: usize,
+    series_id: impl Fn(&Reading) -> i64,
+) -> (Vec<SeriesRow<'_>>, Vec<SeriesRow<'_>>) {
+    // By series key: an index per reading rather than a hash.
+    let mut per_series = vec![0usize; slots];
+    let mut ids = vec![0i64; slots];
+    for r in readings {
+        let slot = r.series.key().0 as usize;
+        per_series[slot] += 1;
+        ids[slot] = series_id(r);
+    }
+    let archived = |r: &Reading| per_series[r.series.key().0 as usize] >= ARCHIVE_DIRECTLY_AT;
+    let mut recent: Vec<SeriesRow<'_>> = readings
+        .iter()
+        .filter(|r| !archived(r))
+        .map(|r| (series_id(r), r))
+        .collect();
+    recent.sort_unstable_by_key(|(series, r)| (r.time, *series));
+    let Some(first) = readings.iter().find(|r| archived(r)) else {
+        return (Vec::new(), recent);
+    };
+    // A counting sort by series: each archived series key gets a range, in the order of
+    // their database ids, and its readings keep their arrival order there, which is time
+    // order unless some came late.
+    let mut archived_slots: Vec<usize> = (0..slots)
+        .filter(|&slot| per_series[slot] >= ARCHIVE_DIRECTLY_AT)
+        .collect();
+    archived_slots.sort_unstable_by_key(|&slot| ids[slot]);
+    let mut next = vec![0usize; slots];
+    let mut end = 0;
+    for slot in archived_slots {
+        next[slot] = end;
+        end += per_series[slot];
+    }
+    let mut archive = vec![(0, first); end];
+    for r in readings.iter().filter(|r| archived(r)) {
+        let at = &mut next[r.series.key().0 as usize];
+        archive[*at] = (series_id(r), r);
+        *at += 1;
+    }
+    // Late readings, or two series keys sharing a database id (interned with and without a
+    // unit), leave it out of order: then a full sort.
+    if !archive.is_sorted_by_key(|(series, r)| (*series, r.time)) {
+        archive.sort_unstable_by_key(|(series, r)| (*series, r.time));
+    }
+    (archive, recent)
+}
+
 fn bind_reading(row: &mut super::multirow::Binder, (series, r): &SeriesRow) {
     row.bind(r.time)
         .bind(*series)
@@ -967,4 +977,57 @@ async fn update_devices(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::{ReadingFlags, Series, SeriesInfo, SeriesKey};
+
+    fn series(key: u32) -> Series {
+        Series::new(SeriesInfo {
+            key: SeriesKey(key),
+            device: DeviceId::new("d"),
+            metric: Arc::from("m"),
+            unit: None,
+        })
+    }
+
+    fn reading(series: &Series, time: Millis) -> Reading {
+        Reading {
+            series: series.clone(),
+            value: 1.0,
+            time,
+            received_at: time,
+            flags: ReadingFlags::default(),
+        }
+    }
+
+    #[test]
+    fn busy_series_go_to_the_archive_in_key_order_and_the_rest_to_recent_in_time_order() {
+        // Keys 0 and 2 share database id 7 (a metric interned with and without a unit);
+        // key 1 is id 3; key 3 is quiet. Readings arrive interleaved, some late.
+        let all: Vec<Series> = (0..4).map(series).collect();
+        let id = |r: &Reading| [7, 3, 7, 9][r.series.key().0 as usize];
+        let mut readings = Vec::new();
+        for t in 0..40 {
+            readings.push(reading(&all[0], 1000 + 2 * t));
+            readings.push(reading(&all[1], 1000 + t));
+            readings.push(reading(&all[2], 1001 + 2 * t));
+        }
+        readings.push(reading(&all[1], 10));
+        readings.push(reading(&all[3], 5000));
+        readings.push(reading(&all[3], 4000));
+        let (archive, recent) = place(&readings, 4, id);
+        let keys: Vec<(i64, Millis)> = archive.iter().map(|(s, r)| (*s, r.time)).collect();
+        let mut expected: Vec<(i64, Millis)> = readings
+            .iter()
+            .filter(|r| r.series.key().0 != 3)
+            .map(|r| (id(r), r.time))
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(keys, expected);
+        let recent: Vec<(Millis, i64)> = recent.iter().map(|(s, r)| (r.time, *s)).collect();
+        assert_eq!(recent, vec![(4000, 9), (5000, 9)]);
+    }
 }
