@@ -21,6 +21,9 @@
 //! and `BENCH_BASELINE=path/to/another/sensorgate` runs that binary beside this build in
 //! every repetition, against the same ceiling, to compare two builds side by side.
 
+#[path = "support/proc_stat.rs"]
+mod proc_stat;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -489,20 +492,7 @@ where
 
 /// User and system CPU time of process `pid` so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th, in
-    // clock ticks of 1/100 s.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    proc_stat::cpu_time(&pid.to_string())
 }
 
 fn per_message(cpu: Duration, messages: u64) -> f64 {

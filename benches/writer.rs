@@ -9,6 +9,9 @@
 //! Set `BENCH_MESSAGES` to change the message count per run (default 200,000), and
 //! `BENCH_BATCH` to run one batch size once (for a profiler or `valgrind --tool=callgrind`).
 
+#[path = "support/proc_stat.rs"]
+mod proc_stat;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -188,20 +191,7 @@ async fn run(messages: usize, batch_size: usize) -> Run {
 /// CPU time (user and system) of this whole process so far: the writer task, sqlx's worker
 /// thread and SQLite.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // Linux reports them in clock ticks of 1/100 s (USER_HZ).
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    proc_stat::cpu_time("self")
 }
 
 /// Bytes this process has passed to `write` and its kin so far.
