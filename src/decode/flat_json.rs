@@ -35,13 +35,13 @@ pub fn scan<'a>(
     let mut picked = [None; MAX_KEYS];
     let mut s = Scanner { rest: payload };
     s.skip_space();
-    s.expect(b'{')?;
+    s.require(b'{')?;
     s.skip_space();
     if !s.eat(b'}') {
         loop {
             let key = s.string()?;
             s.skip_space();
-            s.expect(b':')?;
+            s.require(b':')?;
             s.skip_space();
             let value = s.scalar()?;
             if let Some(slot) = keys.iter().position(|k| k.as_ref().as_bytes() == key) {
@@ -51,7 +51,7 @@ pub fn scan<'a>(
             if s.eat(b'}') {
                 break;
             }
-            s.expect(b',')?;
+            s.require(b',')?;
             s.skip_space();
         }
     }
@@ -80,7 +80,7 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn expect(&mut self, byte: u8) -> Option<()> {
+    fn require(&mut self, byte: u8) -> Option<()> {
         self.eat(byte).then_some(())
     }
 
@@ -93,14 +93,14 @@ impl<'a> Scanner<'a> {
 
     /// A string of printable ASCII (and DEL) without escapes: its bytes, without quotes.
     fn string(&mut self) -> Option<&'a [u8]> {
-        self.expect(b'"')?;
+        self.require(b'"')?;
         let len = self
             .rest
             .iter()
             .position(|&b| b == b'"' || b == b'\\' || !(0x20..=0x7f).contains(&b))?;
         let (text, rest) = self.rest.split_at(len);
         self.rest = rest;
-        self.expect(b'"')?;
+        self.require(b'"')?;
         Some(text)
     }
 
