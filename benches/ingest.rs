@@ -9,7 +9,8 @@
 //! Rates run from the first publish to the last delivery (ceiling) or the last commit
 //! (gateway); the table shows medians, the median of each run's ratio to the ceiling
 //! measured just before it (and their range), the broker's CPU per message in the
-//! ceiling runs, and the gateway process's CPU per message and peak resident memory. While
+//! ceiling runs, and the gateway process's CPU per message and peak resident memory (the
+//! kernel's high-water mark, read once at the end, not sampled during the run). While
 //! a flood is being published the harness reads nothing from the gateway's database, so
 //! it takes no CPU from the gateway. Then the budgets at a steady pace, QoS 1, 100 devices,
 //! 10 s: at 5,000 msg/s the gateway's share of one core and its peak RSS, at 10,000 msg/s
@@ -31,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use sensorgate_sim::{Format, Mosquitto, Pace, Planned, Scenario, publish};
+use sensorgate_sim::{Flood, Format, Mosquitto, Pace, Planned, Scenario, flood, publish};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use tokio_util::sync::CancellationToken;
@@ -76,9 +77,9 @@ async fn run() {
         let mut gateway: Vec<Vec<GatewayRun>> = builds.iter().map(|_| Vec::new()).collect();
         for rep in 0..reps {
             let prefix = format!("bench{qos}r{rep}");
-            let plan = scenario(&prefix, messages).messages().collect::<Vec<_>>();
+            let load = Load::new(&scenario(&prefix, messages), Pace::Unlimited, qos);
             let before = cpu_time(mosquitto.pid());
-            let rate = broker_ceiling(mosquitto.port, &prefix, &plan, qos).await;
+            let rate = broker_ceiling(mosquitto.port, &prefix, load, qos).await;
             let cpu = per_message(cpu_time(mosquitto.pid()) - before, messages);
             eprintln!(
                 "  qos {qos} rep {rep}: broker ceiling {rate:.0}/s, broker {cpu:.2} µs CPU/msg"
@@ -188,7 +189,7 @@ fn scenario(prefix: &str, messages: u64) -> Scenario {
 }
 
 /// Messages per second from the first publish to the last delivery to a counting subscriber.
-async fn broker_ceiling(port: u16, prefix: &str, plan: &[Planned], qos: u8) -> f64 {
+async fn broker_ceiling(port: u16, prefix: &str, load: Load, qos: u8) -> f64 {
     let mut options = MqttOptions::new(format!("{prefix}-counter"), "127.0.0.1", port);
     options
         .set_keep_alive(Duration::from_secs(30))
@@ -210,7 +211,7 @@ async fn broker_ceiling(port: u16, prefix: &str, plan: &[Planned], qos: u8) -> f
     }
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
-    let want = plan.len() as u64;
+    let want = load.messages();
     let counting = tokio::spawn(async move {
         while counter.load(Ordering::Relaxed) < want {
             match eventloop.poll().await {
@@ -224,17 +225,7 @@ async fn broker_ceiling(port: u16, prefix: &str, plan: &[Planned], qos: u8) -> f
         Instant::now()
     });
     let start = Instant::now();
-    publish(
-        "127.0.0.1",
-        port,
-        &format!("{prefix}-pub"),
-        plan.iter().cloned(),
-        Pace::Unlimited,
-        qos,
-        CancellationToken::new(),
-    )
-    .await
-    .expect("publisher");
+    load.publish(port, format!("{prefix}-pub")).await;
     let end = tokio::time::timeout(Duration::from_secs(120), counting)
         .await
         .expect("every message delivered within 120 s")
@@ -292,37 +283,22 @@ async fn gateway_run(
     .await;
     let want = scenario.total_messages() as i64 * 2;
     let client_id = format!("{}-pub", scenario.topic_prefix);
-    let plan: Vec<Planned> = scenario.messages().collect();
+    let load = Load::new(scenario, pace, qos);
     let cpu_before = cpu_time(gateway.child.id());
     let start = Instant::now();
-    let publishing = tokio::spawn(async move {
-        publish(
-            "127.0.0.1",
-            port,
-            &client_id,
-            plan.into_iter(),
-            pace,
-            qos,
-            CancellationToken::new(),
-        )
-        .await
-    });
-    let mut peak_rss = 0u64;
+    let publishing = tokio::spawn(load.publish(port, client_id));
     // A flood's rate needs only the time of the last commit, which comes after the last
-    // publish: until then the harness only samples memory and leaves the database (and the
-    // CPU it would spend reading it) to the gateway.
+    // publish: until then the harness leaves the database (and the CPU it would spend
+    // reading it) to the gateway.
+    let mut publishing = Some(publishing);
     if matches!(pace, Pace::Unlimited) {
-        while !publishing.is_finished() {
-            peak_rss = peak_rss.max(gateway.rss_kib());
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        finish(publishing.take()).await;
     }
     let published = start.elapsed();
     // When the stored count changed, and to what.
     let mut stored_at: Vec<(Duration, i64)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        peak_rss = peak_rss.max(gateway.rss_kib());
         let stored = sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(readings), 0) FROM devices")
             .fetch_one(&pool)
             .await
@@ -341,10 +317,8 @@ async fn gateway_run(
     }
     let elapsed = start.elapsed();
     let cpu = cpu_time(gateway.child.id()) - cpu_before;
-    publishing
-        .await
-        .expect("publisher task")
-        .expect("publisher");
+    let peak_rss = gateway.peak_rss_kib();
+    finish(publishing).await;
     pool.close().await;
     gateway.stop();
     let messages = scenario.total_messages() as f64;
@@ -364,6 +338,69 @@ async fn gateway_run(
             }
             _ => None,
         },
+    }
+}
+
+/// What a run publishes, prepared before its clock starts.
+enum Load {
+    /// At QoS 0 with no pace, every packet encoded ahead: while the clock runs the
+    /// publisher only writes (see [`Flood`]).
+    Flood(Flood),
+    Plan {
+        messages: Vec<Planned>,
+        pace: Pace,
+        qos: u8,
+    },
+}
+
+impl Load {
+    fn new(scenario: &Scenario, pace: Pace, qos: u8) -> Self {
+        if qos == 0 && pace == Pace::Unlimited {
+            Self::Flood(Flood::encode(scenario.messages()).expect("plan encodes"))
+        } else {
+            Self::Plan {
+                messages: scenario.messages().collect(),
+                pace,
+                qos,
+            }
+        }
+    }
+
+    fn messages(&self) -> u64 {
+        match self {
+            Self::Flood(flood) => flood.messages(),
+            Self::Plan { messages, .. } => messages.len() as u64,
+        }
+    }
+
+    async fn publish(self, port: u16, client_id: String) {
+        let published = match self {
+            Self::Flood(load) => flood("127.0.0.1", port, &client_id, &load).await,
+            Self::Plan {
+                messages,
+                pace,
+                qos,
+            } => {
+                publish(
+                    "127.0.0.1",
+                    port,
+                    &client_id,
+                    messages.into_iter(),
+                    pace,
+                    qos,
+                    CancellationToken::new(),
+                )
+                .await
+            }
+        };
+        published.expect("publisher");
+    }
+}
+
+/// Waits for a publisher task, if it has not been waited for.
+async fn finish(publishing: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(publishing) = publishing {
+        publishing.await.expect("publisher task");
     }
 }
 
@@ -415,10 +452,12 @@ impl Process {
         std::fs::read_to_string(path).unwrap_or_default()
     }
 
-    fn rss_kib(&self) -> u64 {
+    /// The kernel's high-water mark of the process's resident memory: its peak, with no
+    /// sampling that would take CPU from the run it measures.
+    fn peak_rss_kib(&self) -> u64 {
         self.proc_file("status")
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     }

@@ -5,7 +5,8 @@
 //! - [`mosquitto`]: a private Mosquitto process, for tests and benchmarks.
 //! - [`plan`]: deterministic sensor messages with fault scenarios, and what each should
 //!   become in the gateway's database.
-//! - [`publish`](mod@publish): an MQTT publisher that paces a plan at a given rate.
+//! - [`publish`](mod@publish): an MQTT publisher that paces a plan at a given rate, and a
+//!   QoS 0 flood encoded ahead, for benchmarks.
 //! - [`pty`]: a virtual serial port, a pseudo-terminal exposed at a chosen path, that can be
 //!   unplugged and replugged.
 //! - [`serial`]: text-line sensors on a pty (json, key_value, csv, regex lines) with faults,
@@ -26,5 +27,5 @@ pub use modbus::ModbusBus;
 pub use mosquitto::Mosquitto;
 pub use plan::{Expect, Fault, Format, Planned, Scenario};
 pub use pty::Pty;
-pub use publish::{Pace, PublishReport, publish};
+pub use publish::{Flood, Pace, PublishReport, flood, publish};
 pub use serial::{LineScenario, LineSensor};

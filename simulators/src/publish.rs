@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttc::{
     AsyncClient, Connect, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, Publish, QoS,
 };
@@ -99,6 +99,102 @@ async fn at_most_once(
     pace: Pace,
     cancel: CancellationToken,
 ) -> Result<PublishReport, PublishError> {
+    let mut stream = connect_raw(host, port, client_id).await?;
+    let start = Instant::now();
+    let mut pacer = Pacer::new(pace);
+    let mut published = 0u64;
+    // Encoded but not yet written.
+    let mut pending = 0u64;
+    let mut buffer = BytesMut::with_capacity(WRITE_SIZE);
+    for message in messages {
+        if cancel.is_cancelled() {
+            break;
+        }
+        if !pacer.try_ready() {
+            write_pending(&mut stream, &mut buffer, &mut published, &mut pending).await?;
+            pacer.ready().await;
+        }
+        encode(message, &mut buffer, published)?;
+        pending += 1;
+        if buffer.len() >= WRITE_SIZE {
+            write_pending(&mut stream, &mut buffer, &mut published, &mut pending).await?;
+        }
+    }
+    write_pending(&mut stream, &mut buffer, &mut published, &mut pending).await?;
+    disconnect(stream).await;
+    Ok(PublishReport {
+        published,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// QoS 0 PUBLISH packets encoded ahead of time, in writes of about [`WRITE_SIZE`] bytes.
+/// A benchmark encodes its flood before the clock starts, so that while it runs the
+/// publisher takes no more of the box than the writes: sensors on other machines cost the
+/// gateway's box nothing to produce their messages.
+pub struct Flood {
+    /// Each write with the number of messages it holds.
+    writes: Vec<(Bytes, u64)>,
+}
+
+impl Flood {
+    /// # Errors
+    /// When a message cannot be encoded (a topic or payload beyond MQTT's limits).
+    pub fn encode(messages: impl Iterator<Item = Planned>) -> Result<Self, PublishError> {
+        let mut writes = Vec::new();
+        let mut buffer = BytesMut::with_capacity(WRITE_SIZE);
+        let mut pending = 0u64;
+        for (encoded, message) in (0u64..).zip(messages) {
+            encode(message, &mut buffer, encoded)?;
+            pending += 1;
+            if buffer.len() >= WRITE_SIZE {
+                writes.push((buffer.split().freeze(), std::mem::take(&mut pending)));
+            }
+        }
+        if pending > 0 {
+            writes.push((buffer.freeze(), pending));
+        }
+        Ok(Self { writes })
+    }
+
+    pub fn messages(&self) -> u64 {
+        self.writes.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Publishes a [`Flood`] at QoS 0 as fast as the broker reads it.
+///
+/// # Errors
+/// When the broker cannot be reached or the connection drops.
+pub async fn flood(
+    host: &str,
+    port: u16,
+    client_id: &str,
+    flood: &Flood,
+) -> Result<PublishReport, PublishError> {
+    let mut stream = connect_raw(host, port, client_id).await?;
+    let start = Instant::now();
+    let mut published = 0u64;
+    for (write, messages) in &flood.writes {
+        stream
+            .write_all(write)
+            .await
+            .map_err(|err| PublishError::Lost {
+                sent: published,
+                error: err.to_string(),
+            })?;
+        published += messages;
+    }
+    disconnect(stream).await;
+    Ok(PublishReport {
+        published,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// An MQTT session on a plain TCP stream, for publishing at QoS 0: CONNECT, then the
+/// CONNACK.
+async fn connect_raw(host: &str, port: u16, client_id: &str) -> Result<TcpStream, PublishError> {
     let address = format!("{host}:{port}");
     let refused = |error: String| PublishError::Connect(address.clone(), error);
     let mut stream = TcpStream::connect((host, port))
@@ -119,7 +215,9 @@ async fn at_most_once(
     buffer.clear();
     loop {
         match Packet::read(&mut buffer, 1 << 20) {
-            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => break,
+            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
+                return Ok(stream);
+            }
             Ok(Packet::ConnAck(ack)) => return Err(refused(format!("refused: {:?}", ack.code))),
             Ok(other) => return Err(refused(format!("expected CONNACK, got {other:?}"))),
             Err(rumqttc::Error::InsufficientBytes(_)) => {}
@@ -134,39 +232,23 @@ async fn at_most_once(
             return Err(refused("the broker closed the connection".into()));
         }
     }
-    let start = Instant::now();
-    let mut pacer = Pacer::new(pace);
-    let mut published = 0u64;
-    // Encoded but not yet written.
-    let mut pending = 0u64;
-    buffer.clear();
-    for message in messages {
-        if cancel.is_cancelled() {
-            break;
-        }
-        if !pacer.try_ready() {
-            write_pending(&mut stream, &mut buffer, &mut published, &mut pending).await?;
-            pacer.ready().await;
-        }
-        Publish::new(message.topic, QoS::AtMostOnce, message.payload)
-            .write(&mut buffer)
-            .map_err(|err| PublishError::Lost {
-                sent: published,
-                error: err.to_string(),
-            })?;
-        pending += 1;
-        if buffer.len() >= WRITE_SIZE {
-            write_pending(&mut stream, &mut buffer, &mut published, &mut pending).await?;
-        }
-    }
-    write_pending(&mut stream, &mut buffer, &mut published, &mut pending).await?;
-    // DISCONNECT, so the broker closes the session cleanly; what it has read it delivers.
+}
+
+/// DISCONNECT, so the broker closes the session cleanly; what it has read it delivers.
+async fn disconnect(mut stream: TcpStream) {
     let _ = stream.write_all(&[0xE0, 0x00]).await;
     let _ = stream.shutdown().await;
-    Ok(PublishReport {
-        published,
-        elapsed: start.elapsed(),
-    })
+}
+
+/// Appends one QoS 0 PUBLISH; `sent` counts the messages before it, for the error.
+fn encode(message: Planned, buffer: &mut BytesMut, sent: u64) -> Result<(), PublishError> {
+    Publish::new(message.topic, QoS::AtMostOnce, message.payload)
+        .write(buffer)
+        .map(drop)
+        .map_err(|err| PublishError::Lost {
+            sent,
+            error: err.to_string(),
+        })
 }
 
 /// The most the QoS 0 publisher encodes before it writes.
@@ -476,28 +558,14 @@ mod tests {
         assert_eq!(ready_now(&mut pacer), 30);
     }
 
-    #[tokio::test]
-    async fn at_qos_0_every_message_is_one_publish_packet_followed_by_disconnect() {
-        let (port, served) = fake_broker(0, usize::MAX).await;
-        let report = publish(
-            "127.0.0.1",
-            port,
-            "p",
-            plan(3),
-            Pace::Unlimited,
-            0,
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(report.published, 3);
-        let mut received = BytesMut::from(&served.await.unwrap()[..]);
-        let mut planned = plan(3);
-        for _ in 0..3 {
+    /// Reads the PUBLISH packets of `plan(n)` and then a DISCONNECT from what a fake broker
+    /// received.
+    fn assert_publishes_then_disconnect(served: &[u8], n: u64) {
+        let mut received = BytesMut::from(served);
+        for want in plan(n) {
             let Ok(Packet::Publish(publish)) = Packet::read(&mut received, 1 << 20) else {
                 panic!("expected a PUBLISH");
             };
-            let want = planned.next().unwrap();
             assert_eq!(
                 (
                     publish.topic.as_ref(),
@@ -515,6 +583,42 @@ mod tests {
             Packet::read(&mut received, 1 << 20),
             Ok(Packet::Disconnect)
         ));
+    }
+
+    #[tokio::test]
+    async fn at_qos_0_every_message_is_one_publish_packet_followed_by_disconnect() {
+        let (port, served) = fake_broker(0, usize::MAX).await;
+        let report = publish(
+            "127.0.0.1",
+            port,
+            "p",
+            plan(3),
+            Pace::Unlimited,
+            0,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.published, 3);
+        assert_publishes_then_disconnect(&served.await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_flood_encoded_ahead_sends_the_same_packets_in_few_writes() {
+        // Enough messages for several writes, the last one partial.
+        let n = 1000;
+        let load = Flood::encode(plan(n)).unwrap();
+        assert_eq!(load.messages(), n);
+        assert!(load.writes.len() > 1);
+        assert!(
+            load.writes
+                .iter()
+                .all(|(write, _)| write.len() < 2 * WRITE_SIZE)
+        );
+        let (port, served) = fake_broker(0, usize::MAX).await;
+        let report = flood("127.0.0.1", port, "p", &load).await.unwrap();
+        assert_eq!(report.published, n);
+        assert_publishes_then_disconnect(&served.await.unwrap(), n);
     }
 
     #[tokio::test]
