@@ -4,6 +4,7 @@
 //! Readers ([`read::ReadStore`]) open the file read-only; WAL lets them run while the writer
 //! commits.
 
+mod direct;
 mod multirow;
 pub mod read;
 pub mod writer;
@@ -97,6 +98,8 @@ pub enum StorageError {
     Query(#[from] sqlx::Error),
     #[error("database read failed: {0}")]
     Read(#[from] rusqlite::Error),
+    #[error("database write failed: {0}")]
+    Write(#[source] rusqlite::Error),
     #[error("the query was cancelled while the gateway stopped")]
     Closed,
 }
@@ -156,10 +159,11 @@ pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, Stor
         })
         .busy_timeout(config.busy_timeout)
         .foreign_keys(false)
-        // Enough for every statement shape the writer uses (eight multi-row statements in
-        // each of multirow::CHUNK_SIZES, and sixteen others), so none is evicted and prepared
-        // again; the cache holds only shapes that ran.
-        .statement_cache_capacity(120)
+        // Enough for every statement shape the writer runs through sqlx (three multi-row
+        // statements in each of multirow::CHUNK_SIZES, and sixteen others), so none is
+        // evicted and prepared again; the cache holds only shapes that ran. Readings go
+        // through SQLite's own API (`direct`), with a cache of their own.
+        .statement_cache_capacity(64)
         // Negative: a size in KiB rather than in pages.
         .pragma(
             "cache_size",

@@ -1,7 +1,8 @@
 //! Multi-row statements: one `INSERT ... VALUES (..), (..), ..` carries many rows.
 //!
 //! Each query is a round trip to sqlx's worker thread, and one row per statement is about
-//! 100 times slower than a thousand. Rows go in chunks of [`CHUNK_SIZES`] only, and each
+//! 100 times slower than a thousand. (Readings, most of the rows, skip sqlx: see `direct`;
+//! they use the same statement texts, one statement at a time.) Rows go in chunks of [`CHUNK_SIZES`] only, and each
 //! query's text is made once per chunk size: sqlx finds it prepared in its statement cache,
 //! and nothing formats a placeholder per row. The largest chunk is several statements of
 //! [`ROWS_PER_STATEMENT`] rows in one query, which sqlx's worker runs one after the other
@@ -41,9 +42,20 @@ pub const CHUNK_SIZES: [usize; 12] = [
 
 /// `items` in chunks of [`CHUNK_SIZES`], largest first.
 pub fn chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    chunked(items, &CHUNK_SIZES)
+}
+
+/// `items` in chunks of one statement each: the sizes of [`CHUNK_SIZES`] up to
+/// [`ROWS_PER_STATEMENT`], for statements prepared through SQLite's own API, which runs
+/// one statement at a time.
+pub fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    chunked(items, &CHUNK_SIZES[1..])
+}
+
+fn chunked<'a, T>(items: &'a [T], sizes: &'static [usize]) -> impl Iterator<Item = &'a [T]> {
     let mut rest = items;
     std::iter::from_fn(move || {
-        let size = CHUNK_SIZES.into_iter().find(|&size| size <= rest.len())?;
+        let size = sizes.iter().copied().find(|&size| size <= rest.len())?;
         let (chunk, tail) = rest.split_at(size);
         rest = tail;
         Some(chunk)
@@ -96,7 +108,7 @@ impl MultiRow {
     }
 
     /// The statement's text for `rows` rows: only placeholders are generated, never values.
-    fn text(&self, rows: usize) -> Arc<str> {
+    pub fn text(&self, rows: usize) -> Arc<str> {
         match CHUNK_SIZES.iter().position(|&size| size == rows) {
             Some(slot) => self.texts[slot]
                 .get_or_init(|| self.make_text(rows))
@@ -154,6 +166,14 @@ mod tests {
         assert_eq!(chunks(&[0u8; 2500]).count(), 2 + 4);
         // 10000 = 2 × 4096 + 1024 + 512 + 256 + 16
         assert_eq!(chunks(&[0u8; 10_000]).count(), 2 + 4);
+        for n in [0, 1, 1000, 1024, 2500] {
+            let items: Vec<usize> = (0..n).collect();
+            let parts: Vec<&[usize]> = statement_chunks(&items).collect();
+            assert!(parts.iter().all(|p| p.len() <= ROWS_PER_STATEMENT), "{n}");
+            assert_eq!(parts.concat(), items, "{n}");
+        }
+        // 2500 = 2 × 1024 + 256 + 128 + 64 + 4
+        assert_eq!(statement_chunks(&[0u8; 2500]).count(), 2 + 4);
     }
 
     #[test]

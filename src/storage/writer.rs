@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqlitePool;
-use sqlx::{Connection as _, Row, Sqlite, SqliteConnection};
+use sqlx::{Connection as _, Sqlite, SqliteConnection};
 use tokio::sync::{broadcast, mpsc};
 
+use super::direct::{SeriesRow, insert_readings};
 use super::multirow::{MultiRow, chunks};
 use super::{Batch, StorageError};
 use crate::config::{Config, RetentionConfig};
@@ -29,7 +30,7 @@ pub const ARCHIVE_AT_ROWS: u64 = 32_768;
 /// them later would cost more.
 const ARCHIVE_DIRECTLY_AT: usize = 32;
 /// New readings into `readings_recent`, unless either table holds their key. Values come
-/// as `(ts, series_id, received_at, value, flags)`, as [`bind_reading`] binds them.
+/// as `(ts, series_id, received_at, value, flags)`, as [`insert_readings`] binds them.
 static INSERT_RECENT: MultiRow = MultiRow::new(
     "INSERT INTO readings_recent (ts, series_id, received_at, value, flags) \
      SELECT column1, column2, column3, column4, column5 FROM (",
@@ -115,9 +116,6 @@ pub struct DeviceEntry {
     /// into each commit.
     pub counters: Arc<SourceCounters>,
 }
-
-/// A reading with its series' database id, as the insert statements bind it.
-type SeriesRow<'b> = (i64, &'b Reading);
 
 /// The keys a commit inserted; `None` when it inserted every reading of its batch.
 type NewKeys = Option<HashSet<(i64, Millis)>>;
@@ -512,25 +510,8 @@ impl Writer {
             (&recent, &INSERT_RECENT, &INSERT_RECENT_RETURNING),
         ];
         for (i, (rows, plain, returning)) in targets.into_iter().enumerate() {
-            for chunk in chunks(rows) {
-                match &mut new_keys {
-                    Some(keys) => {
-                        let inserted = returning
-                            .query(chunk, bind_reading)?
-                            .fetch_all(&mut *tx)
-                            .await?;
-                        stored[i] += inserted.len() as u64;
-                        keys.extend(inserted.iter().map(|row| (row.get(0), row.get(1))));
-                    }
-                    None => {
-                        stored[i] += plain
-                            .query(chunk, bind_reading)?
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                    }
-                }
-            }
+            let statement = if new_keys.is_some() { returning } else { plain };
+            stored[i] += insert_readings(&mut tx, statement, rows, new_keys.as_mut()).await?;
         }
         if new_keys.is_none() && stored[0] + stored[1] != batch.readings.len() as u64 {
             tx.rollback().await?;
@@ -823,7 +804,6 @@ async fn discard(conn: PoolConnection<Sqlite>) {
     }
 }
 
-/// One reading's values in [`INSERT_READINGS`]' column order.
 /// Splits a batch's readings by where they go: the series with at least
 /// [`ARCHIVE_DIRECTLY_AT`] readings in it straight into the archive, in (series id, time)
 /// order, and the others into `readings_recent`, in (time, series id) order. In key order,
@@ -877,14 +857,6 @@ fn place(
         archive.sort_unstable_by_key(|(series, r)| (*series, r.time));
     }
     (archive, recent)
-}
-
-fn bind_reading(row: &mut super::multirow::Binder, (series, r): &SeriesRow) {
-    row.bind(r.time)
-        .bind(*series)
-        .bind(r.received_at)
-        .bind(r.value)
-        .bind(i64::from(r.flags.0));
 }
 
 /// Moves `readings_recent` into `readings_archive`, in series order so each series' rows
