@@ -131,7 +131,8 @@ pub fn main() -> ExitCode {
         service::logging::init(&LoggingConfig::default());
     }
     // One thread runs every task: the gateway's work is I/O and short steps between
-    // channels, SQLite writes on sqlx's own thread and queries on blocking threads. Spread
+    // channels; the writer's transactions run on sqlx's own thread but for the readings'
+    // inserts (storage/direct.rs), and queries on blocking threads. Spread
     // over several threads, each hand-off between stages had to wake another thread
     // (a syscall per message), for 9 % more CPU per message (measured at 100k msg/s); and
     // on a small box the other core belongs to the broker.

@@ -161,8 +161,8 @@ pub async fn open_for_writing(config: &StorageConfig) -> Result<SqlitePool, Stor
         .foreign_keys(false)
         // Enough for every statement shape the writer runs through sqlx (three multi-row
         // statements in each of multirow::CHUNK_SIZES, and sixteen others), so none is
-        // evicted and prepared again; the cache holds only shapes that ran. Readings go
-        // through SQLite's own API (`direct`), with a cache of their own.
+        // evicted and prepared again; the cache holds only shapes that ran. The readings'
+        // inserts are prepared through SQLite's own API and kept by `direct::DirectInserts`.
         .statement_cache_capacity(64)
         // Negative: a size in KiB rather than in pages.
         .pragma(

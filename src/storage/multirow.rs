@@ -1,8 +1,8 @@
 //! Multi-row statements: one `INSERT ... VALUES (..), (..), ..` carries many rows.
 //!
 //! Each query is a round trip to sqlx's worker thread, and one row per statement is about
-//! 100 times slower than a thousand. (Readings, most of the rows, skip sqlx: see `direct`;
-//! they use the same statement texts, one statement at a time.) Rows go in chunks of [`CHUNK_SIZES`] only, and each
+//! 100 times slower than a thousand. Readings, most of the rows, skip sqlx (`direct`) but
+//! use the same statement texts, one statement at a time ([`statement_chunks`]). Rows go in chunks of [`CHUNK_SIZES`] only, and each
 //! query's text is made once per chunk size: sqlx finds it prepared in its statement cache,
 //! and nothing formats a placeholder per row. The largest chunk is several statements of
 //! [`ROWS_PER_STATEMENT`] rows in one query, which sqlx's worker runs one after the other
@@ -42,20 +42,23 @@ pub const CHUNK_SIZES: [usize; 12] = [
 
 /// `items` in chunks of [`CHUNK_SIZES`], largest first.
 pub fn chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
-    chunked(items, &CHUNK_SIZES)
+    chunked(items, usize::MAX)
 }
 
 /// `items` in chunks of one statement each: the sizes of [`CHUNK_SIZES`] up to
-/// [`ROWS_PER_STATEMENT`], for statements prepared through SQLite's own API, which runs
+/// [`ROWS_PER_STATEMENT`], for statements prepared through SQLite's own API, which takes
 /// one statement at a time.
 pub fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
-    chunked(items, &CHUNK_SIZES[1..])
+    chunked(items, ROWS_PER_STATEMENT)
 }
 
-fn chunked<'a, T>(items: &'a [T], sizes: &'static [usize]) -> impl Iterator<Item = &'a [T]> {
+/// `items` in chunks of [`CHUNK_SIZES`] up to `max`, largest first.
+fn chunked<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
     let mut rest = items;
     std::iter::from_fn(move || {
-        let size = sizes.iter().copied().find(|&size| size <= rest.len())?;
+        let size = CHUNK_SIZES
+            .into_iter()
+            .find(|&size| size <= max && size <= rest.len())?;
         let (chunk, tail) = rest.split_at(size);
         rest = tail;
         Some(chunk)
@@ -194,8 +197,8 @@ mod tests {
         assert!(parts.iter().all(|p| **p == *statement.text(1024)));
     }
 
-    /// A query of several statements reports the rows of all of them: the writer compares
-    /// them with its batch to tell a redelivery.
+    /// A query of several statements reports the rows of all of them, as the writer's
+    /// counters and rollups need.
     #[tokio::test]
     async fn a_query_of_several_statements_counts_and_returns_every_row() {
         use sqlx::{Connection as _, SqliteConnection};

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqlitePool;
-use sqlx::{Connection as _, Sqlite, SqliteConnection};
+use sqlx::{Connection, Sqlite, SqliteConnection};
 use tokio::sync::{broadcast, mpsc};
 
-use super::direct::{SeriesRow, insert_readings};
+use super::direct::{DirectInserts, SeriesRow};
 use super::multirow::{MultiRow, chunks};
 use super::{Batch, StorageError};
 use crate::config::{Config, RetentionConfig};
@@ -30,7 +30,7 @@ pub const ARCHIVE_AT_ROWS: u64 = 32_768;
 /// them later would cost more.
 const ARCHIVE_DIRECTLY_AT: usize = 32;
 /// New readings into `readings_recent`, unless either table holds their key. Values come
-/// as `(ts, series_id, received_at, value, flags)`, as [`insert_readings`] binds them.
+/// as `(ts, series_id, received_at, value, flags)`, as [`DirectInserts`] binds them.
 static INSERT_RECENT: MultiRow = MultiRow::new(
     "INSERT INTO readings_recent (ts, series_id, received_at, value, flags) \
      SELECT column1, column2, column3, column4, column5 FROM (",
@@ -129,6 +129,8 @@ struct SeriesIds {
 
 pub struct Writer {
     pool: SqlitePool,
+    /// Readings' insert statements on the pool's connection.
+    direct: DirectInserts,
     /// Every device this run has written for, removed ones included (their late rejections
     /// still name them).
     devices: FastMap<DeviceId, i64>,
@@ -162,6 +164,7 @@ impl Writer {
         live: broadcast::Sender<LiveBatch>,
     ) -> Result<Self, StorageError> {
         let mut writer = Self {
+            direct: DirectInserts::new(pool.clone()),
             pool,
             devices: FastMap::default(),
             kinds: FastMap::default(),
@@ -200,7 +203,7 @@ impl Writer {
         let ids = match register_rows(&mut conn, &entries, now).await {
             Ok(ids) => ids,
             Err(err) => {
-                discard(conn).await;
+                self.discard(conn).await;
                 return Err(err);
             }
         };
@@ -221,7 +224,7 @@ impl Writer {
         let now = now_millis();
         let mut conn = self.pool.acquire().await?;
         if let Err(err) = retire_rows(&mut conn, removed, now).await {
-            discard(conn).await;
+            self.discard(conn).await;
             return Err(err);
         }
         drop(conn);
@@ -292,6 +295,9 @@ impl Writer {
         if let Err(err) = self.mark_stopped().await {
             tracing::warn!(error = %err, "Could not mark devices stopped");
         }
+        if let Ok(mut conn) = self.pool.acquire().await {
+            self.direct.release(&mut conn).await;
+        }
         self.pool.close().await;
     }
 
@@ -318,8 +324,19 @@ impl Writer {
             }
             Err(err) => {
                 tracing::warn!(error = %err, "Cannot archive recent readings; retrying after the next commit");
-                discard(conn).await;
+                self.discard(conn).await;
             }
+        }
+    }
+
+    /// Closes a connection whose transaction failed instead of returning it to the pool. After
+    /// some errors (a full disk) SQLite rolls the transaction back by itself; sqlx then fails its
+    /// own ROLLBACK and from there on believes a transaction is open, so later "commits" only
+    /// release a savepoint and never reach the disk. A fresh connection knows no such history.
+    async fn discard(&mut self, mut conn: PoolConnection<Sqlite>) {
+        self.direct.release(&mut conn).await;
+        if let Err(err) = conn.close().await {
+            tracing::debug!(error = %err, "Closing a failed connection");
         }
     }
 
@@ -466,7 +483,7 @@ impl Writer {
                 counter.restore_unstored_drops(n);
             }
             if let Some(conn) = conn.take() {
-                discard(conn).await;
+                self.discard(conn).await;
             }
         }
         result
@@ -492,7 +509,10 @@ impl Writer {
         added: &mut Vec<SeriesKey>,
         exact: bool,
     ) -> Result<Written, StorageError> {
-        let mut tx = conn.begin().await?;
+        // IMMEDIATE: the write lock is taken here, on sqlx's worker, where waiting for it
+        // (another process writing) blocks no task; the readings' inserts run on the
+        // runtime thread (`DirectInserts`).
+        let mut tx = Connection::begin_with(&mut **conn, "BEGIN IMMEDIATE").await?;
         let mut per_device: FastMap<i64, DeviceDelta> = FastMap::default();
         self.ensure_series(&mut tx, &batch.readings, added).await?;
 
@@ -511,7 +531,10 @@ impl Writer {
         ];
         for (i, (rows, plain, returning)) in targets.into_iter().enumerate() {
             let statement = if new_keys.is_some() { returning } else { plain };
-            stored[i] += insert_readings(&mut tx, statement, rows, new_keys.as_mut()).await?;
+            stored[i] += self
+                .direct
+                .insert_readings(&mut tx, statement, rows, new_keys.as_mut())
+                .await?;
         }
         if new_keys.is_none() && stored[0] + stored[1] != batch.readings.len() as u64 {
             tx.rollback().await?;
@@ -792,16 +815,6 @@ struct DeviceDelta {
     duplicates: u64,
     dropped: u64,
     faults: FaultCounts,
-}
-
-/// Closes a connection whose transaction failed instead of returning it to the pool. After
-/// some errors (a full disk) SQLite rolls the transaction back by itself; sqlx then fails its
-/// own ROLLBACK and from there on believes a transaction is open, so later "commits" only
-/// release a savepoint and never reach the disk. A fresh connection knows no such history.
-async fn discard(conn: PoolConnection<Sqlite>) {
-    if let Err(err) = conn.close().await {
-        tracing::debug!(error = %err, "Closing a failed connection");
-    }
 }
 
 /// Splits a batch's readings by where they go: the series with at least
