@@ -207,54 +207,52 @@ mod tests {
     /// Counts and names exactly the rows inserted, in the transaction sqlx opened, keeps its
     /// statements across transactions, and leaves the connection closable.
     #[tokio::test]
-    async fn inserts_count_and_name_the_new_rows_and_the_connection_still_closes() {
+    async fn inserts_count_and_name_the_new_rows_and_the_connection_still_closes()
+    -> Result<(), Box<dyn std::error::Error>> {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        let mut conn = pool.acquire().await.unwrap();
+            .await?;
+        let mut conn = pool.acquire().await?;
         sqlx::query(
             "CREATE TABLE t (series_id INTEGER NOT NULL, ts INTEGER NOT NULL, \
              received_at INTEGER NOT NULL, value REAL NOT NULL, flags INTEGER NOT NULL, \
              PRIMARY KEY (series_id, ts)) WITHOUT ROWID",
         )
         .execute(&mut *conn)
-        .await
-        .unwrap();
+        .await?;
         let mut direct = DirectInserts::new(pool.clone());
 
         // 1,500 rows: statements of 1,024, 256, 128, 64, 16, 8 and 4 rows.
         let first = readings(0..1500);
         let rows: Vec<SeriesRow> = first.iter().map(|r| (7, r)).collect();
-        let mut tx = conn.begin().await.unwrap();
+        let mut tx = conn.begin().await?;
         let inserted = direct.insert_readings(&mut tx, &INSERT, &rows, None);
-        assert_eq!(inserted.await.unwrap(), 1500);
-        tx.commit().await.unwrap();
+        assert_eq!(inserted.await?, 1500);
+        tx.commit().await?;
 
         // Half of these are stored already: only the others are counted and named.
         let second = readings(750..2250);
         let rows: Vec<SeriesRow> = second.iter().map(|r| (7, r)).collect();
         let mut keys = HashSet::new();
-        let mut tx = conn.begin().await.unwrap();
+        let mut tx = conn.begin().await?;
         let inserted = direct.insert_readings(&mut tx, &INSERT_RETURNING, &rows, Some(&mut keys));
-        assert_eq!(inserted.await.unwrap(), 750);
-        tx.commit().await.unwrap();
+        assert_eq!(inserted.await?, 750);
+        tx.commit().await?;
         assert_eq!(keys, (1500..2250).map(|t| (7, t)).collect());
 
         // A transaction rolled back takes its direct inserts with it.
         let third = readings(5000..5010);
         let rows: Vec<SeriesRow> = third.iter().map(|r| (7, r)).collect();
-        let mut tx = conn.begin().await.unwrap();
+        let mut tx = conn.begin().await?;
         let inserted = direct.insert_readings(&mut tx, &INSERT, &rows, None);
-        assert_eq!(inserted.await.unwrap(), 10);
-        tx.rollback().await.unwrap();
+        assert_eq!(inserted.await?, 10);
+        tx.rollback().await?;
 
         let stored: Vec<(i64, i64, i64, f64, i64)> =
             sqlx::query_as("SELECT series_id, ts, received_at, value, flags FROM t ORDER BY ts")
                 .fetch_all(&mut *conn)
-                .await
-                .unwrap();
+                .await?;
         let want: Vec<(i64, i64, i64, f64, i64)> = (0..2250)
             .map(|t| (7, t, t + 1, t as f64 / 2.0, 2))
             .collect();
@@ -262,6 +260,7 @@ mod tests {
 
         // sqlx panics closing a connection that still has statements prepared.
         direct.release(&mut conn).await;
-        conn.detach().close().await.unwrap();
+        conn.detach().close().await?;
+        Ok(())
     }
 }
