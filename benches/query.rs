@@ -3,19 +3,27 @@
 //! One device-day at 1 Hz (86,400 readings, the last 500 not yet archived, beside a full
 //! table of recent readings of other series) and a month of 1-minute rollups (43,200 rows),
 //! each read through the query layer the CLI uses (`sensorgate query`), through the CLI
-//! process itself (CSV to /dev/null), and through the HTTP API (the whole JSON body received).
-//! Each is measured `REPS` times; the table shows medians against the budget.
+//! process itself (CSV to /dev/null), and through the HTTP API of the `sensorgate run`
+//! process (the whole JSON body received). Each is measured `REPS` times; the table shows
+//! medians against the budget. `BENCH_BASELINE=path/to/another/sensorgate` runs that binary's
+//! API and CLI on a copy of the same database, alternating with this build's in every
+//! repetition.
 
-use std::path::Path;
+#[path = "support/gateway_process.rs"]
+mod gateway_process;
+#[path = "support/proc_stat.rs"]
+mod proc_stat;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use gateway_process::Gateway;
 use rusqlite::params;
-use sensorgate::app::Gateway;
 use sensorgate::storage::read::{Range, ReadStore, SeriesQuery};
 use sensorgate::storage::writer::ARCHIVE_AT_ROWS;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio_util::sync::CancellationToken;
 
 const REPS: usize = 11;
 const DAY_MS: i64 = 86_400_000;
@@ -32,23 +40,86 @@ fn main() {
     runtime.block_on(run());
 }
 
+/// The `sensorgate run` process under test: a binary, its database and where its API listens.
+struct Build {
+    name: &'static str,
+    exe: PathBuf,
+    db: PathBuf,
+    addr: SocketAddr,
+    gateway: Option<Gateway>,
+}
+
+impl Build {
+    fn new(name: &'static str, exe: PathBuf, dir: &Path) -> Self {
+        let db = dir.join(format!("{name}.db"));
+        // Port 0 would leave the port to find out; a port just free is good enough here.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        Self {
+            name,
+            exe,
+            db,
+            addr,
+            gateway: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let config = self.db.with_extension("toml");
+        std::fs::write(
+            &config,
+            format!(
+                // START is a fixed day in the past: keep retention from deleting it.
+                "[storage]\npath = \"{}\"\n[storage.retention]\nreadings = \"forever\"\n\
+                 rollups = \"forever\"\n[http]\nenabled = true\nlisten = \"{}\"\n",
+                self.db.display(),
+                self.addr
+            ),
+        )
+        .expect("bench config");
+        let mut gateway = Gateway::start(&self.exe, &config);
+        gateway.wait_ready();
+        self.gateway = Some(gateway);
+    }
+
+    /// CPU time of the running gateway so far.
+    fn cpu_time(&self) -> Duration {
+        self.gateway.as_ref().map_or(Duration::ZERO, |g| {
+            proc_stat::cpu_time(&g.pid().to_string())
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.stop();
+        }
+    }
+}
+
 async fn run() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("query.db");
-    let text = format!(
-        // START is a fixed day in the past: keep retention from deleting it mid-run.
-        "[storage]\npath = \"{}\"\n[storage.retention]\nreadings = \"forever\"\nrollups = \"forever\"\n\
-         [http]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
-        db.display()
-    );
-    let config = sensorgate::config::parse(&text, Path::new("<bench>")).expect("bench config");
-    let gateway = Gateway::build(config).await.expect("gateway");
+    let mut builds = vec![Build::new(
+        "this build",
+        PathBuf::from(env!("CARGO_BIN_EXE_sensorgate")),
+        dir.path(),
+    )];
+    if let Some(exe) = std::env::var_os("BENCH_BASELINE") {
+        builds.push(Build::new("baseline", PathBuf::from(exe), dir.path()));
+    }
+    // This build creates the schema; the filled file is copied for the baseline, which
+    // reads the same rows.
+    builds[0].start();
+    builds[0].stop();
+    let db = builds[0].db.clone();
     fill(&db);
-    let addr = gateway.http_address().expect("http");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
+    for build in &mut builds[1..] {
+        std::fs::copy(&db, &build.db).expect("copy of the filled database");
+    }
+    for build in &mut builds {
+        build.start();
+    }
     let store = ReadStore::open(&db).expect("read store");
-
     let day = SeriesQuery {
         device: "meter".into(),
         metric: Some("power".into()),
@@ -67,9 +138,16 @@ async fn run() {
         },
         ..day.clone()
     };
-    let exe = env!("CARGO_BIN_EXE_sensorgate");
-    let db_arg = db.display().to_string();
-    let mut rows = Vec::new();
+    let mut rows: Vec<(&str, String, Duration, Option<Duration>, u32)> = Vec::new();
+    let label = |through: &str, build: &Build| {
+        if builds.len() > 1 {
+            format!("{through}, {}", build.name)
+        } else {
+            through.to_string()
+        }
+    };
+    let day_label = "device-day, 86,400 readings";
+    let month_label = "month of 1-minute rollups, 43,200 rows";
 
     let mut t = Vec::new();
     for _ in 0..REPS {
@@ -79,62 +157,64 @@ async fn run() {
         assert_eq!(got.len(), 86_400);
     }
     rows.push((
-        "device-day, 86,400 readings",
-        "query layer (what `query` runs)",
+        day_label,
+        "query layer (what `query` runs)".into(),
         median(&mut t),
+        None,
         50,
     ));
 
-    let mut t = Vec::new();
-    for _ in 0..REPS {
-        let started = Instant::now();
-        let body = http_get(
-            addr,
-            &format!(
-                "/api/v1/devices/meter/readings?metric=power&from={}&to={}&limit=100000",
-                day.range.from, day.range.to
-            ),
-        )
-        .await;
-        t.push(started.elapsed());
-        assert_eq!(body.matches("\"value\"").count(), 86_400);
+    let path = format!(
+        "/api/v1/devices/meter/readings?metric=power&from={}&to={}&limit=100000",
+        day.range.from, day.range.to
+    );
+    let times = http_times(&builds, &path, "\"value\"", 86_400).await;
+    for (build, (mut t, cpu)) in builds.iter().zip(times) {
+        rows.push((
+            day_label,
+            label("HTTP API, whole JSON body", build),
+            median(&mut t),
+            Some(cpu),
+            50,
+        ));
     }
-    rows.push((
-        "device-day, 86,400 readings",
-        "HTTP API, whole JSON body",
-        median(&mut t),
-        50,
-    ));
 
-    let mut t = Vec::new();
+    let from = day.range.from.to_string();
+    let to = day.range.to.to_string();
+    let mut times = vec![Vec::new(); builds.len()];
     for _ in 0..REPS {
-        let started = Instant::now();
-        cli(
-            exe,
-            &[
-                "query",
-                "--db",
-                &db_arg,
-                "meter",
-                "power",
-                "--from",
-                &day.range.from.to_string(),
-                "--to",
-                &day.range.to.to_string(),
-                "--limit",
-                "100000",
-                "--format",
-                "csv",
-            ],
-        );
-        t.push(started.elapsed());
+        for (build, t) in builds.iter().zip(&mut times) {
+            let started = Instant::now();
+            cli(
+                &build.exe,
+                &[
+                    "query".as_ref(),
+                    "--db".as_ref(),
+                    build.db.as_os_str(),
+                    "meter".as_ref(),
+                    "power".as_ref(),
+                    "--from".as_ref(),
+                    from.as_ref(),
+                    "--to".as_ref(),
+                    to.as_ref(),
+                    "--limit".as_ref(),
+                    "100000".as_ref(),
+                    "--format".as_ref(),
+                    "csv".as_ref(),
+                ],
+            );
+            t.push(started.elapsed());
+        }
     }
-    rows.push((
-        "device-day, 86,400 readings",
-        "`sensorgate query --format csv` process",
-        median(&mut t),
-        50,
-    ));
+    for (build, mut t) in builds.iter().zip(times) {
+        rows.push((
+            day_label,
+            label("`sensorgate query --format csv` process", build),
+            median(&mut t),
+            None,
+            50,
+        ));
+    }
 
     let mut t = Vec::new();
     for _ in 0..REPS {
@@ -143,46 +223,66 @@ async fn run() {
         t.push(started.elapsed());
         assert_eq!(got.len(), 43_200);
     }
-    rows.push((
-        "month of 1-minute rollups, 43,200 rows",
-        "query layer",
-        median(&mut t),
-        20,
-    ));
+    rows.push((month_label, "query layer".into(), median(&mut t), None, 20));
 
-    let mut t = Vec::new();
-    for _ in 0..REPS {
-        let started = Instant::now();
-        let body = http_get(
-            addr,
-            &format!(
-                "/api/v1/devices/meter/rollups?metric=power&window=1m&from={}&to={}&limit=100000",
-                month.range.from, month.range.to
-            ),
-        )
-        .await;
-        t.push(started.elapsed());
-        assert_eq!(body.matches("\"count\"").count(), 43_200);
+    let path = format!(
+        "/api/v1/devices/meter/rollups?metric=power&window=1m&from={}&to={}&limit=100000",
+        month.range.from, month.range.to
+    );
+    let times = http_times(&builds, &path, "\"count\"", 43_200).await;
+    for (build, (mut t, cpu)) in builds.iter().zip(times) {
+        rows.push((
+            month_label,
+            label("HTTP API, whole JSON body", build),
+            median(&mut t),
+            Some(cpu),
+            20,
+        ));
     }
-    rows.push((
-        "month of 1-minute rollups, 43,200 rows",
-        "HTTP API, whole JSON body",
-        median(&mut t),
-        20,
-    ));
 
     println!("query benchmark: median of {REPS}");
     println!();
-    println!("| data | read through | median (ms) | budget (ms) |");
-    println!("|---|---|---:|---:|");
-    for (data, path, took, budget) in rows {
+    println!("| data | read through | median (ms) | gateway CPU per request (ms) | budget (ms) |");
+    println!("|---|---|---:|---:|---:|");
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    for (data, through, took, cpu, budget) in rows {
         println!(
-            "| {data} | {path} | {:.1} | {budget} |",
-            took.as_secs_f64() * 1000.0
+            "| {data} | {through} | {} | {} | {budget} |",
+            ms(took),
+            cpu.map_or("–".into(), ms)
         );
     }
-    shutdown.cancel();
-    running.await.expect("gateway").expect("drains");
+    for build in &mut builds {
+        build.stop();
+    }
+}
+
+/// `REPS` GETs of `path` from each build in turn, each checked to hold `count` rows (by
+/// counting `key`). For each build, in the order of `builds`: the times, and the gateway's
+/// CPU time per request.
+async fn http_times(
+    builds: &[Build],
+    path: &str,
+    key: &str,
+    count: usize,
+) -> Vec<(Vec<Duration>, Duration)> {
+    let mut times = vec![Vec::new(); builds.len()];
+    let mut cpu = vec![Duration::ZERO; builds.len()];
+    let mut body = Vec::new();
+    for _ in 0..REPS {
+        for (i, build) in builds.iter().enumerate() {
+            let before = build.cpu_time();
+            times[i].push(http_get(build.addr, path, &mut body).await);
+            cpu[i] += build.cpu_time() - before;
+            let text = std::str::from_utf8(&body).expect("UTF-8");
+            assert_eq!(text.matches(key).count(), count, "{}", build.name);
+        }
+    }
+    times
+        .into_iter()
+        .zip(cpu)
+        .map(|(t, cpu)| (t, cpu / REPS as u32))
+        .collect()
 }
 
 /// One device with a day of 1 Hz readings and a month of 1-minute rollups.
@@ -243,25 +343,30 @@ fn fill(db: &Path) {
     tx.commit().expect("commit");
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+/// GETs `path` into `body` (cleared first, its capacity kept from one request to the next,
+/// as a client reading into a buffer would); returns the time from connecting to the last
+/// byte received.
+async fn http_get(addr: SocketAddr, path: &str, body: &mut Vec<u8>) -> Duration {
+    body.clear();
+    let started = Instant::now();
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("request");
-    let mut raw = Vec::with_capacity(16 << 20);
-    stream.read_to_end(&mut raw).await.expect("response");
+    stream.read_to_end(body).await.expect("response");
+    let took = started.elapsed();
     assert!(
-        raw.starts_with(b"HTTP/1.1 200"),
+        body.starts_with(b"HTTP/1.1 200"),
         "{}",
-        String::from_utf8_lossy(&raw[..raw.len().min(300)])
+        String::from_utf8_lossy(&body[..body.len().min(300)])
     );
-    String::from_utf8(raw).expect("UTF-8")
+    took
 }
 
 #[allow(
     clippy::disallowed_methods,
     reason = "timing a child process end to end"
 )]
-fn cli(exe: &str, args: &[&str]) {
+fn cli(exe: &Path, args: &[&std::ffi::OsStr]) {
     let status = Command::new(exe)
         .args(args)
         .stdout(std::process::Stdio::null())

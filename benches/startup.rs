@@ -15,12 +15,15 @@
 //! - the full database after a clean stop with the page cache dropped (a reboot), when the
 //!   bench runs as root.
 
+#[path = "support/gateway_process.rs"]
+mod gateway_process;
+
 use std::io::{BufRead as _, BufReader};
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gateway_process::Gateway;
 use rusqlite::params;
 
 const REPS: usize = 11;
@@ -54,8 +57,8 @@ fn main() {
     let full_config = write_config(dir.path(), "full", &full);
 
     // The gateway creates and migrates both files; the full one is then filled.
-    start_stop(&empty_config, dir.path());
-    start_stop(&full_config, dir.path());
+    start_stop(&empty_config);
+    start_stop(&full_config);
     let started = Instant::now();
     let readings = fill(&full, target_mib);
     let size = file_mib(&full);
@@ -67,19 +70,16 @@ fn main() {
     println!();
     println!("| database | median (ms) | min–max (ms) | budget (ms) |");
     println!("|---|---:|---:|---:|");
-    report(
-        "empty",
-        &measure(REPS, || start_stop(&empty_config, dir.path())),
-    );
+    report("empty", &measure(REPS, || start_stop(&empty_config)));
     report(
         &format!("{size:.0} MiB, clean stop, in the page cache"),
-        &measure(REPS, || start_stop(&full_config, dir.path())),
+        &measure(REPS, || start_stop(&full_config)),
     );
     report(
         &format!("{size:.0} MiB, killed, 32 MiB log to recover"),
         &measure(REPS, || {
             crash_writer(&full);
-            start_stop(&full_config, dir.path())
+            start_stop(&full_config)
         }),
     );
     if drop_page_cache(&full) {
@@ -87,7 +87,7 @@ fn main() {
             &format!("{size:.0} MiB, clean stop, page cache dropped"),
             &measure(REPS, || {
                 drop_page_cache(&full);
-                start_stop(&full_config, dir.path())
+                start_stop(&full_config)
             }),
         );
     } else {
@@ -134,49 +134,13 @@ fn write_config(dir: &Path, name: &str, db: &Path) -> PathBuf {
     path
 }
 
-/// Starts `sensorgate run`, waits for READY=1, stops it with SIGTERM and waits for its exit.
-/// Returns the time from spawn to READY.
-fn start_stop(config: &Path, dir: &Path) -> Duration {
-    let socket_path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&socket_path);
-    let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("socket timeout");
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sensorgate run");
-    let mut message = [0u8; 512];
-    let ready = loop {
-        let Ok(n) = socket.recv(&mut message) else {
-            let _ = child.kill();
-            panic!("no READY=1 within 30 s from {}", config.display());
-        };
-        if String::from_utf8_lossy(&message[..n])
-            .lines()
-            .any(|l| l == "READY=1")
-        {
-            break started.elapsed();
-        }
-    };
-    terminate(&mut child);
+/// Starts `sensorgate run`, waits for READY=1 and stops it with SIGTERM. Returns the time
+/// from spawn to READY.
+fn start_stop(config: &Path) -> Duration {
+    let mut gateway = Gateway::start(Path::new(env!("CARGO_BIN_EXE_sensorgate")), config);
+    let ready = gateway.wait_ready();
+    gateway.stop();
     ready
-}
-
-fn terminate(child: &mut Child) {
-    // SAFETY: kill(2) with a pid this process started and has not reaped.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-    let status = child.wait().expect("sensorgate exit");
-    assert!(status.success(), "sensorgate exited with {status}");
 }
 
 /// Fills readings and their rollups, series by series, block by block, until the file holds
