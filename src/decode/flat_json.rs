@@ -4,8 +4,9 @@
 //! It reads such an object in one pass without building anything, and keeps the values of
 //! the keys it is asked for. It takes only a subset of JSON, where its answer is by
 //! construction what `serde_json` gives: keys and strings of printable ASCII without
-//! escapes, numbers as `serde_json` parses them (without its `float_roundtrip` feature),
-//! `true`, `false` and `null`. On anything else (a nested value, an escape, non-ASCII text,
+//! escapes, numbers as `serde_json` parses them (with its `float_roundtrip` feature: the
+//! nearest double, so a value a sensor wrote in its shortest round-trip form is stored with
+//! the same bits), `true`, `false` and `null`. On anything else (a nested value, an escape, non-ASCII text,
 //! a number it cannot convert the same way, invalid JSON) it gives up, and the caller parses
 //! the document with `serde_json`, which also words every error.
 
@@ -136,11 +137,11 @@ impl<'a> Scanner<'a> {
     }
 
     /// A JSON number, converted as `serde_json` converts it: an integer becomes a `u64` or
-    /// `i64` (`-0` the float -0.0) and then `f64`; a decimal becomes its digits as a `u64`
-    /// times or divided by a power of ten. `None` where `serde_json` might take another
-    /// route (more digits than [`MAX_DIGITS`], a power of ten beyond 10^22) or the text is
-    /// no number.
+    /// `i64` (`-0` the float -0.0) and then `f64`; a decimal becomes the nearest double.
+    /// `None` where `serde_json` might take another route (more digits than [`MAX_DIGITS`])
+    /// or give an error (beyond a double's range), or the text is no number.
     fn number(&mut self) -> Option<f64> {
+        let start = self.rest;
         let positive = !self.eat(b'-');
         let leading_zero = self.peek() == Some(b'0');
         let mut significand = 0u64;
@@ -191,13 +192,22 @@ impl<'a> Scanner<'a> {
                 }
             });
         }
-        let power = *POW10.get(exponent.unsigned_abs() as usize)?;
-        let magnitude = if exponent >= 0 {
-            significand as f64 * power
-        } else {
-            significand as f64 / power
-        };
-        Some(if positive { magnitude } else { -magnitude })
+        let exact_power = POW10.get(exponent.unsigned_abs() as usize);
+        if let Some(power) = exact_power.filter(|_| significand <= MAX_EXACT) {
+            // Both operands exact, so the one rounding of the product or quotient gives the
+            // nearest double: what a correctly rounded parser gives.
+            let magnitude = if exponent >= 0 {
+                significand as f64 * power
+            } else {
+                significand as f64 / power
+            };
+            return Some(if positive { magnitude } else { -magnitude });
+        }
+        // More digits than a double holds exactly (a shortest round-trip form of a computed
+        // value often has 17) or a larger power: the standard library's parser, correctly
+        // rounded like `serde_json`'s. Beyond a double's range `serde_json` gives an error.
+        let text = std::str::from_utf8(&start[..start.len() - self.rest.len()]).ok()?;
+        text.parse::<f64>().ok().filter(|v| v.is_finite())
     }
 }
 
@@ -205,7 +215,10 @@ impl<'a> Scanner<'a> {
 /// reads them; beyond that it may switch to reading a float.
 const MAX_DIGITS: usize = 19;
 
-/// The powers of ten that are exact in an `f64`, as `serde_json`'s table holds them.
+/// The largest significand every integer up to which an `f64` holds exactly: 2^53.
+const MAX_EXACT: u64 = 1 << 53;
+
+/// The powers of ten that are exact in an `f64`.
 const POW10: [f64; 23] = [
     1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
     1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
@@ -282,7 +295,8 @@ mod tests {
             r#"{"t": +1}"#,
             r#"{"t": tru}"#,
             r#"{"t": 123456789012345678901}"#,
-            r#"{"t": 1e23}"#,
+            // Beyond a double's range: serde_json's error words it.
+            r#"{"t": 1e400}"#,
             // Twenty digits: more than a u64 is sure to hold (found by the property below).
             r#"{"t": 20000000000000000.000}"#,
         ] {
@@ -309,7 +323,11 @@ mod tests {
             "9999999999999999999",
             "123456789.123456789",
             "1e22",
+            "1e23",
             "1.5e-21",
+            "90.28571428571429",
+            "2.2250738585072014e-308",
+            "1e-400",
         ] {
             let ours = scanned(text).unwrap_or_else(|| panic!("{text} not taken"));
             let theirs = parsed(text).unwrap();
@@ -317,6 +335,24 @@ mod tests {
                 (Scalar::Number(a), Scalar::Number(b)) => {
                     assert_eq!(a.to_bits(), b.to_bits(), "{text}: {a} vs {b}");
                 }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_shortest_round_trip_form_gives_back_the_same_bits() {
+        for value in [
+            632.0_f64 / 7.0,
+            0.1 + 0.2,
+            21.123456789012345,
+            -1.0 / 3.0,
+            5e-324,
+            1e300,
+        ] {
+            let text = format!("{value:?}");
+            match scanned(&text) {
+                Some(Scalar::Number(got)) => assert_eq!(got.to_bits(), value.to_bits(), "{text}"),
                 other => panic!("{text}: {other:?}"),
             }
         }
@@ -356,6 +392,18 @@ mod tests {
                     other => prop_assert!(false, "{}: {:?}", text, other),
                 }
             }
+        }
+
+        /// Any finite double, written in its shortest round-trip form (as a sensor's JSON
+        /// encoder writes it), is read back with the same bits.
+        #[test]
+        fn every_double_comes_back_exactly(value in any::<f64>().prop_filter("finite", |v| v.is_finite())) {
+            let text = format!("{value:?}");
+            let got = match scanned(&text).or_else(|| parsed(&text)) {
+                Some(Scalar::Number(got)) => got,
+                other => return Err(TestCaseError::fail(format!("{text}: {other:?}"))),
+            };
+            prop_assert_eq!(got.to_bits(), value.to_bits(), "{}", text);
         }
 
         /// Bytes in and around an object: anything the scanner takes, `serde_json` takes as
