@@ -5,23 +5,19 @@
 //! with an opaque `cursor`; readings and rollups are streamed as they are read, so a large
 //! page never sits in memory whole.
 
-use std::io::Write;
-use std::ops::ControlFlow;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
+use super::body::{for_each_row, stream_json};
 use super::http::{ApiError, Shared};
 use super::params;
-use super::rows::{RowFormat, RowWriter, TimeFormat};
+use super::rows::{BucketWriter, RowFormat, RowWriter, TimeFormat};
 use crate::reading::{Millis, now_millis};
-use crate::storage::StorageError;
 use crate::storage::read::{self, Cursor, DeviceRow, LastValue, Range, RejectionRow, SeriesQuery};
 use crate::telemetry::HEARTBEAT_INTERVAL;
 
@@ -29,8 +25,6 @@ use crate::telemetry::HEARTBEAT_INTERVAL;
 const DEFAULT_LIMIT: u32 = 1000;
 /// Rejections keep whole payloads, so fewer of them fit one answer.
 const MAX_REJECTIONS: u32 = 1000;
-/// A streamed body goes out in pieces of about this size.
-const CHUNK: usize = 64 * 1024;
 
 /// A request's query parameters, checked against the names an endpoint accepts.
 pub(super) struct Params(Vec<(String, String)>);
@@ -243,11 +237,17 @@ pub(super) async fn readings(
         after: params.cursor()?,
     };
     let times = params.time_format()?;
-    stream_json(&api, query, move |conn, query, sink| {
-        let mut rows = RowWriter::new(sink, RowFormat::JsonArray, times, &query.device);
-        let next = read::visit_readings(conn, query, |series, point| rows.row(series, point))?;
-        Ok((next, rows.finish()))
-    })
+    let device = query.device.clone();
+    stream_json(
+        &api,
+        query,
+        |conn, query, visit| read::visit_readings(conn, query, |series, p| visit(series, *p)),
+        move |batches, sink| {
+            let mut rows = RowWriter::new(sink, RowFormat::JsonArray, times, &device);
+            for_each_row(batches, |series, point| rows.row(series, point));
+            rows.finish()
+        },
+    )
     .await
 }
 
@@ -284,136 +284,20 @@ pub(super) async fn rollups(
         after: params.cursor()?,
     };
     let times = params.time_format()?;
-    stream_json(&api, query, move |conn, query, mut sink| {
-        let mut buf = String::from("[");
-        let mut prefix = (None, String::new());
-        let mut failed = None;
-        let mut floats = ryu::Buffer::new();
-        let mut ints = itoa::Buffer::new();
-        let next = read::visit_rollups(conn, query, width, |series, b| {
-            if prefix.0 != Some(series.id) {
-                let start = format!(
-                    "{{\"device\":{},\"metric\":{},\"unit\":{},\"time\":",
-                    json_string(&query.device),
-                    json_string(&series.metric),
-                    series.unit.as_deref().map_or("null".into(), json_string)
-                );
-                prefix = (Some(series.id), start);
-            }
-            if buf.len() > 1 {
-                buf.push(',');
-            }
-            buf.push_str(&prefix.1);
-            times.write(&mut buf, b.bucket);
-            // Pushed piece by piece: `write!` would go through the formatting machinery for
-            // each of 43,200 rows in a month of minutes.
-            buf.push_str(",\"window_ms\":");
-            buf.push_str(ints.format(width));
-            buf.push_str(",\"count\":");
-            buf.push_str(ints.format(b.count));
-            for (name, value) in [
-                (",\"min\":", b.min),
-                (",\"max\":", b.max),
-                (",\"mean\":", b.mean),
-                (",\"sum\":", b.sum),
-                (",\"first\":", b.first),
-                (",\"last\":", b.last),
-            ] {
-                buf.push_str(name);
-                buf.push_str(floats.format(value));
-            }
-            buf.push('}');
-            if buf.len() >= CHUNK {
-                if let Err(err) = sink.write_all(buf.as_bytes()) {
-                    failed = Some(err);
-                    return ControlFlow::Break(());
-                }
-                buf.clear();
-            }
-            ControlFlow::Continue(())
-        })?;
-        buf.push(']');
-        let sink = match failed {
-            Some(err) => Err(err),
-            None => sink.write_all(buf.as_bytes()).map(|()| sink),
-        };
-        Ok((next, sink))
-    })
-    .await
-}
-
-fn json_string(text: &str) -> String {
-    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
-}
-
-/// A response body fed from a blocking query: every write goes out as one chunk; a client
-/// that went away fails the write, which stops the query.
-struct ChunkSink(mpsc::Sender<Result<Bytes, std::io::Error>>);
-
-impl Write for ChunkSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// What a streamed query hands back: where the next page starts, and the sink (or why
-/// writing to it failed).
-type Streamed = Result<(Option<Cursor>, std::io::Result<ChunkSink>), StorageError>;
-
-/// Answers 404 for an unknown device, else streams `{"device":..,"rows":[..],
-/// "next_cursor":..}` with the rows `write` produces as they are read.
-async fn stream_json(
-    api: &super::http::Api,
-    query: SeriesQuery,
-    write: impl FnOnce(&rusqlite::Connection, &SeriesQuery, ChunkSink) -> Streamed + Send + 'static,
-) -> Result<Response, ApiError> {
     let device = query.device.clone();
-    let metric = query.metric.clone();
-    api.store
-        .run(move |conn| read::series_of(conn, &device, metric.as_deref()))
-        .await?;
-    let (chunks, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let store = api.store.clone();
-    tokio::spawn(async move {
-        let failed = chunks.clone();
-        let outcome = store
-            .run(move |conn| {
-                let mut sink = ChunkSink(chunks);
-                let head = format!("{{\"device\":{},\"rows\":", json_string(&query.device));
-                if sink.write_all(head.as_bytes()).is_err() {
-                    return Ok(());
-                }
-                let (next, sink) = write(conn, &query, sink)?;
-                // A client that went away needs no end.
-                if let Ok(mut sink) = sink {
-                    let next = next.map_or("null".into(), |c| json_string(&c.to_string()));
-                    let _ = sink.write_all(format!(",\"next_cursor\":{next}}}").as_bytes());
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(err) = outcome {
-            tracing::warn!(error = %err, "Streamed query failed; response cut short");
-            let _ = failed
-                .send(Err(std::io::Error::other(err.to_string())))
-                .await;
-        }
-    });
-    let stream = futures_util::stream::unfold(body, |mut body| async move {
-        body.recv().await.map(|chunk| (chunk, body))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(stream),
+    stream_json(
+        &api,
+        query,
+        move |conn, query, visit| {
+            read::visit_rollups(conn, query, width, |series, b| visit(series, *b))
+        },
+        move |batches, sink| {
+            let mut rows = BucketWriter::new(sink, times, &device, width);
+            for_each_row(batches, |series, bucket| rows.row(series, bucket));
+            rows.finish()
+        },
     )
-        .into_response())
+    .await
 }
 
 #[derive(Serialize)]

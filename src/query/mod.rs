@@ -5,11 +5,13 @@
 //! - [`table`]: tables, CSV and JSON for `sensorgate devices | query`.
 //! - [`rows`]: readings as CSV, NDJSON or JSON rows, for the CLI, exports and the API.
 //! - [`export`]: `sensorgate export`, CSV or NDJSON, page by page.
-//! - [`http`]: the axum server: routes, bearer token, errors; [`api`] (JSON endpoints),
+//! - [`http`]: the axum server: routes, bearer token, errors; [`api`] (JSON endpoints, their
+//!   pages of rows streamed by [`body`]),
 //!   [`stream`] (Server-Sent Events), [`metrics`] (Prometheus), [`dashboard`] (the page).
 //! - [`params`]: times, durations and windows as the CLI and the API both accept them.
 
 mod api;
+mod body;
 mod dashboard;
 pub mod export;
 pub mod http;
