@@ -96,7 +96,7 @@ fn batches(config: &sensorgate::config::Config, messages: usize, batch_size: usi
         .iter()
         .map(|w| w.as_millis() as Millis)
         .collect();
-    let mut validator = Validator::new(config);
+    let mut validator = Validator::new(config, &[]);
     let mut batcher = Batcher::new(widths, usize::MAX, usize::MAX);
     let ids: Vec<DeviceId> = (0..DEVICES)
         .map(|d| DeviceId::new(&format!("dev-{d}")))

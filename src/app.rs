@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::decode::DecodeLimits;
 use crate::pipeline::{self, aggregate::Batcher, validate::Validator};
 use crate::query::http::{HttpError, HttpServer};
 use crate::reading::{DeviceId, Millis, SourceEvent, now_millis};
@@ -107,6 +108,7 @@ impl Gateway {
         )
         .await?;
 
+        let stored_series = writer.stored_series().await?;
         let capacity = config.pipeline.channel_capacity;
         let (events_tx, events_rx) = mpsc::channel(capacity);
         let (control_tx, control_rx) = mpsc::channel(1);
@@ -125,7 +127,7 @@ impl Gateway {
 
         let pipeline = TaskTracker::new();
         pipeline.spawn(pipeline::validate(
-            Validator::new(&config),
+            Validator::new(&config, &stored_series),
             events_rx,
             control_rx,
             stage_tx,
@@ -199,6 +201,7 @@ impl Gateway {
             telemetry: telemetry.clone(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
+            limits: DecodeLimits::new(&config.validation),
         };
         let mut sources = Sources::start(&config, ctx);
         tracker.spawn(heartbeat(events, telemetry.clone(), shutdown.clone()));

@@ -165,6 +165,7 @@ pub fn main() -> ExitCode {
 async fn run(path: &Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
     service::logging::init(&config.logging);
+    let config = config.with_warnings_logged(path);
     let mut signals = service::signals::listen();
     let gateway = Gateway::build(config).await?;
     let telemetry = gateway.telemetry();
@@ -190,7 +191,7 @@ async fn run(path: &Path) -> anyhow::Result<()> {
             Some(()) = signals.reloads.recv() => {
                 notifier.reloading();
                 match config::load(path) {
-                    Ok(config) => match reloader.reload(config).await {
+                    Ok(config) => match reloader.reload(config.with_warnings_logged(path)).await {
                         Ok(report) if !report.needs_restart.is_empty() => tracing::warn!(
                             sections = ?report.needs_restart,
                             "Config reloaded; changes to these sections take effect on a restart"
@@ -213,6 +214,9 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run(arg) => run(&arg.config).await?,
         Command::CheckConfig(arg) => {
             let config = config::load(&arg.config)?;
+            for warning in &config.warnings {
+                eprintln!("warning: {}: {warning}", arg.config.display());
+            }
             println!(
                 "{}: ok ({} brokers, {} devices, database {})",
                 arg.config.display(),

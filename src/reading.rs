@@ -55,8 +55,8 @@ pub struct RawReading {
     /// the decoder when it is a configured field, so decoding copies no name.
     pub field: Arc<str>,
     pub value: f64,
-    /// The unit the payload declared, if any.
-    pub unit: Option<String>,
+    /// The unit the payload declared, if any; shared by the readings that declare it.
+    pub unit: Option<Arc<str>>,
     /// The time the source attached, if any.
     pub source_time: Option<Millis>,
 }
@@ -144,8 +144,17 @@ pub enum RejectReason {
     UnknownMetric,
     /// No configured device matches the topic or line.
     UnknownDevice,
-    /// A line or frame exceeded its size limit.
-    TooLong,
+    /// The payload or line is larger than its limit (`max_payload`, `max_line`); only a
+    /// prefix of it is kept.
+    TooLarge,
+    /// The payload holds more values than `validation.max_values`.
+    TooManyValues,
+    /// A metric name or unit in the payload is longer than `validation.max_name_bytes`, or
+    /// its names together would take more than [`MAX_NAME_AMPLIFICATION`] times its size.
+    NameTooLong,
+    /// The device already has `validation.max_metrics_per_device` metrics its config does
+    /// not list, and this value would add another.
+    TooManyMetrics,
 }
 
 impl RejectReason {
@@ -157,10 +166,27 @@ impl RejectReason {
             Self::BadTimestamp => "bad_timestamp",
             Self::UnknownMetric => "unknown_metric",
             Self::UnknownDevice => "unknown_device",
-            Self::TooLong => "too_long",
+            Self::TooLarge => "too_large",
+            Self::TooManyValues => "too_many_values",
+            Self::NameTooLong => "name_too_long",
+            Self::TooManyMetrics => "too_many_metrics",
         }
     }
 }
+
+/// Every reason, for documentation and for checking a query's `reason` parameter.
+pub const REJECT_REASONS: [RejectReason; 10] = [
+    RejectReason::Malformed,
+    RejectReason::NotFinite,
+    RejectReason::OutOfRange,
+    RejectReason::BadTimestamp,
+    RejectReason::UnknownMetric,
+    RejectReason::UnknownDevice,
+    RejectReason::TooLarge,
+    RejectReason::TooManyValues,
+    RejectReason::NameTooLong,
+    RejectReason::TooManyMetrics,
+];
 
 impl fmt::Display for RejectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -168,17 +194,70 @@ impl fmt::Display for RejectReason {
     }
 }
 
-/// Input kept with the reason it was not stored as readings.
+/// How much of an input too large to keep whole a rejection keeps: enough to see what sent
+/// it, bounded whatever the input's size.
+pub const RAW_PREFIX: usize = 4096;
+
+/// Decoded metric names (and units) may take at most this many times the bytes of the
+/// payload they came from. Names are substrings of the payload except where a format
+/// joins them (JSON paths, SenML base names); real devices stay well under 2, while a
+/// long base name shared by thousands of short records would otherwise multiply.
+pub const MAX_NAME_AMPLIFICATION: usize = 4;
+
+/// One message (or line, or frame) kept with the reason it was not stored as readings,
+/// whole or in part. A message costs at most one rejection, however many of its values
+/// were refused: its raw bytes are stored once.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rejection {
     pub device: Option<DeviceId>,
     /// Where it came from: an MQTT topic, a serial port.
     pub source: Arc<str>,
     pub received_at: Millis,
+    /// The reason of the first value refused (or of the whole input).
     pub reason: RejectReason,
-    /// A sentence naming the field and the limit, for the operator.
+    /// Sentences naming the fields and limits, for the operator; bounded in length.
     pub detail: String,
+    /// The input as received, or its first [`RAW_PREFIX`] bytes when it was too large.
     pub raw: Bytes,
+    /// The input's size in bytes: `raw.len()` unless only a prefix was kept.
+    pub size: usize,
+    /// How many values were not stored; 1 for an input refused whole.
+    pub values: u32,
+}
+
+impl Rejection {
+    /// A whole input refused for `reason`; `raw` is kept whole unless it is larger than
+    /// [`RAW_PREFIX`] and the reason is its size.
+    pub fn whole(
+        device: Option<DeviceId>,
+        source: Arc<str>,
+        received_at: Millis,
+        reason: RejectReason,
+        detail: String,
+        raw: Bytes,
+    ) -> Self {
+        let size = raw.len();
+        let raw = if reason == RejectReason::TooLarge {
+            prefix(&raw)
+        } else {
+            raw
+        };
+        Self {
+            device,
+            source,
+            received_at,
+            reason,
+            detail,
+            raw,
+            size,
+            values: 1,
+        }
+    }
+}
+
+/// The first [`RAW_PREFIX`] bytes of `raw`, copied, so the rest can be freed.
+pub fn prefix(raw: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(&raw[..raw.len().min(RAW_PREFIX)])
 }
 
 /// Something that wants to know when a delivery's data is durable (an MQTT session that
@@ -234,8 +313,30 @@ impl fmt::Debug for Ticket {
 
 /// Why a payload could not be decoded, in words that name the field or the byte.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct DecodeError(pub String);
+#[error("{detail}")]
+pub struct DecodeError {
+    /// `Malformed`, or the limit the payload broke.
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+impl DecodeError {
+    /// The payload does not fit its format.
+    pub fn malformed(detail: impl Into<String>) -> Self {
+        Self {
+            reason: RejectReason::Malformed,
+            detail: detail.into(),
+        }
+    }
+
+    /// The payload broke a limit on its values or names.
+    pub fn limit(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
 
 /// What a payload decoded to: readings, or why it could not be decoded.
 pub type Decoded = Result<Vec<RawReading>, DecodeError>;

@@ -176,12 +176,18 @@ async fn the_dashboard_lists_devices_and_charts_follow_the_live_stream() {
         period_ms: 500,
         ..support::scenario(Format::Json, 3, 120, 0, &unique("web"))
     };
+    // A device that lists no metrics stores whatever it sends: also names a plain
+    // JavaScript object holds already (`__proto__`, `constructor`, `toString`).
+    let odd_topic = format!("{}/odd", scenario.topic_prefix);
     let text = gateway_config(
         broker.port,
         &db,
         &unique("gw"),
         "[http]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
         &[(&scenario, "room")],
+    ) + &format!(
+        "[[devices]]\nkind = \"mqtt\"\nid = \"zz-odd\"\nbroker = \"test\"\ntopic = \"{odd_topic}\"\n\
+         format = \"json\"\ntimestamp_field = \"ts\"\n"
     );
     let config = sensorgate::config::parse(&text, Path::new("test.toml")).unwrap();
     let gateway = Gateway::build(config).await.unwrap();
@@ -189,7 +195,33 @@ async fn the_dashboard_lists_devices_and_charts_follow_the_live_stream() {
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
     let pool = read_pool(&db).await;
-    wait_for_devices_in(&pool, "connected", 3).await;
+    wait_for_devices_in(&pool, "connected", 4).await;
+    let odd = sensorgate_sim::plan::Planned {
+        device: 0,
+        topic: odd_topic,
+        payload: format!(
+            r#"{{"ts": {}, "__proto__": 1, "constructor": 2, "toString": 3}}"#,
+            sensorgate::reading::now_millis() - 60_000
+        )
+        .into_bytes(),
+        fault: None,
+        expect: Default::default(),
+    };
+    publish(
+        "127.0.0.1",
+        broker.port,
+        &unique("odd"),
+        std::iter::once(odd),
+        Pace::Unlimited,
+        1,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    wait_for("the odd metrics", Duration::from_secs(10), || async {
+        count(&pool, "SELECT count(*) FROM series").await >= 3
+    })
+    .await;
     // Sensors keep publishing while the page is open: 6 messages a second for a minute.
     let port = broker.port;
     let sensors = scenario.clone();
@@ -213,9 +245,9 @@ async fn the_dashboard_lists_devices_and_charts_follow_the_live_stream() {
             &page,
             "the device table",
             "[...document.querySelectorAll('#devices tbody tr')].map(r => r.dataset.device)",
-            |v| v.as_array().is_some_and(|a| a.len() == 3),
+            |v| v.as_array().is_some_and(|a| a.len() == 4),
         );
-        assert_eq!(names, json!(["room-0", "room-1", "room-2"]));
+        assert_eq!(names, json!(["room-0", "room-1", "room-2", "zz-odd"]));
         let states = browser.eval(&page, "[...document.querySelectorAll('#devices tbody tr td:nth-child(3)')].map(c => c.textContent)");
         assert!(
             states
@@ -233,7 +265,8 @@ async fn the_dashboard_lists_devices_and_charts_follow_the_live_stream() {
         );
         let chart = "document.querySelector('#charts [data-metric=temperature] polyline')?.getAttribute('points') ?? ''";
         let before = browser.eval(&page, chart);
-        let charted = "window.sensorgate.series.temperature.points.reduce((n, p) => n + p.n, 0)";
+        let charted =
+            "window.sensorgate.series.get(\"temperature\").points.reduce((n, p) => n + p.n, 0)";
         let charted_before = browser.eval(&page, charted).as_u64().unwrap();
         let live_before = browser
             .eval(&page, "window.sensorgate.liveCount")
@@ -248,8 +281,20 @@ async fn the_dashboard_lists_devices_and_charts_follow_the_live_stream() {
             charted_after > charted_before,
             "the chart holds {charted_after} readings, before {charted_before}"
         );
+        // The odd device's metrics each get their chart, with the point stored.
+        browser.eval(&page, "select('zz-odd').then(() => true)");
+        let charts = browser.wait(
+            &page,
+            "charts of zz-odd",
+            "[...document.querySelectorAll('#charts .chart')].map(c => c.dataset.metric + ':' + c.querySelector('svg').dataset.points)",
+            |v| v.as_array().is_some_and(|a| a.len() == 3),
+        );
+        assert_eq!(
+            charts,
+            json!(["__proto__:1", "constructor:1", "toString:1"])
+        );
         eprintln!(
-            "dashboard: 3 devices listed, {live} live readings, temperature chart redrawn ({} -> {} chars)",
+            "dashboard: 4 devices listed, {live} live readings, temperature chart redrawn ({} -> {} chars)",
             before.as_str().map_or(0, str::len),
             after.as_str().map_or(0, str::len)
         );

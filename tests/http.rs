@@ -369,10 +369,12 @@ async fn a_slow_stream_client_skips_batches_and_never_slows_ingest() {
         start_ms: sensorgate::reading::now_millis() - 3_600_000 + n as i64 * 1_000_000,
         ..support::scenario(Format::Json, 20, messages, 0, &prefix)
     };
+    // The client stalls for the whole second run: longer than the default send_timeout,
+    // which would cut it off (tests/hostile.rs), where here it is to catch up and skip.
     let gw = start(&config(
         broker.port,
         &db,
-        "stream_buffer = 4",
+        "stream_buffer = 4\nsend_timeout = \"1h\"",
         &run(0, 1000),
     ))
     .await;

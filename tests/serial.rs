@@ -200,7 +200,7 @@ async fn every_line_format_is_stored_exactly_with_its_faults_rejected() {
     assert_eq!(stored.len(), want.len());
     assert!(rollup_mismatches(&pool).await.is_empty());
     let too_long: Vec<u8> =
-        sqlx::query_scalar("SELECT raw FROM rejections WHERE reason = 'too_long' LIMIT 1")
+        sqlx::query_scalar("SELECT raw FROM rejections WHERE reason = 'too_large' LIMIT 1")
             .fetch_one(&pool)
             .await
             .unwrap();

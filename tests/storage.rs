@@ -51,7 +51,7 @@ async fn write(config: &Config, batches: &[&[(Millis, f64)]], archive_at_rows: u
     .archive_at_rows(archive_at_rows);
     let (input, rx) = tokio::sync::mpsc::channel(1);
     let writing = tokio::spawn(writer.run(rx));
-    let mut validator = Validator::new(config);
+    let mut validator = Validator::new(config, &[]);
     let mut batcher = Batcher::new(vec![60_000], 1000, usize::MAX);
     for batch in batches {
         for &(time, value) in *batch {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use sensorgate::config::{Config, ConfigError, DeviceConfig, parse};
-use sensorgate::decode::Decoder;
+use sensorgate::decode::{DecodeLimits, Decoder};
 use sensorgate::decode::registers::plan_reads;
 use sensorgate::pipeline::validate::Validator;
 use sensorgate::sources::framing::LineFramer;
@@ -68,11 +68,13 @@ fn start(config: &Config) {
     tokio::sync::mpsc::channel::<()>(config.pipeline.channel_capacity);
     tokio::sync::mpsc::channel::<()>(config.pipeline.device_queue);
     tokio::sync::broadcast::channel::<()>(config.http.stream_buffer);
-    Validator::new(config);
+    Validator::new(config, &[]);
+    let limits = DecodeLimits::new(&config.validation);
     for device in &config.devices {
         if let Some(options) = device.format_options() {
             let fields = device.metrics().iter().map(|m| m.field().to_string());
-            Decoder::new(&options, fields.collect()).expect("the config check compiled it");
+            Decoder::new(&options, fields.collect(), limits.clone())
+                .expect("the config check compiled it");
         }
         match device {
             DeviceConfig::Serial(serial) => {

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         None,
     );
     let decoded = decoder.decode(payload, NOW);
-    check_decoded(&decoder, &decoded);
+    check_decoded(&decoder, payload, &decoded);
     check_one_time_per_line(&decoded);
     if let Ok(readings) = &decoded {
         for reading in readings {

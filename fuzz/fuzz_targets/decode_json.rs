@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
         None,
     );
     let decoded = decoder.decode(payload, NOW);
-    check_decoded(&decoder, &decoded);
+    check_decoded(&decoder, payload, &decoded);
     if let Ok(readings) = &decoded {
         // Epoch numbers are refused below zero; only RFC 3339 reaches before 1970, and
         // the time crate stops at year -9999.

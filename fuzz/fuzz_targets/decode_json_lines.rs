@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         framer.push(chunk, |frame| match frame {
             Frame::Line(line) => {
                 assert!(line.len() <= max);
-                check_decoded(&decoder, &decoder.decode(&line, NOW));
+                check_decoded(&decoder, &line, &decoder.decode(&line, NOW));
             }
             Frame::TooLong(head) => assert_eq!(head.len(), max),
         });

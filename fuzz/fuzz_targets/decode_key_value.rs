@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         None,
     );
     let decoded = decoder.decode(payload, NOW);
-    check_decoded(&decoder, &decoded);
+    check_decoded(&decoder, payload, &decoded);
     check_one_time_per_line(&decoded);
     if let Ok(readings) = &decoded {
         let line = String::from_utf8_lossy(payload);

@@ -69,9 +69,9 @@ fuzz_target!(|data: &[u8]| {
         (&DEVICES[usize::from(options & 7)], rest)
     };
     let decoded = decoder.decode(line, NOW);
-    check_decoded(decoder, &decoded);
+    check_decoded(decoder, line, &decoded);
     check_one_time_per_line(&decoded);
-    if let (Ok(readings), Layout::Regex(pattern)) = (&decoded, &decoder.layout) {
+    if let (Ok(readings), Layout::Regex(pattern, _)) = (&decoded, &decoder.layout) {
         let names: Vec<&str> = pattern.capture_names().flatten().collect();
         for reading in readings {
             assert!(

@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let decoder = decoder(PayloadFormat::Senml, None, fields, &[], None, None);
     let decoded = decoder.decode(payload, NOW);
-    check_decoded(&decoder, &decoded);
+    check_decoded(&decoder, payload, &decoded);
     if let Ok(readings) = &decoded {
         for reading in readings {
             let Some(t) = reading.source_time else {

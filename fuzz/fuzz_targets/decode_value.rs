@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let fields: &[&str] = if options & 1 == 0 { &[] } else { &["power"] };
     let decoder = decoder(PayloadFormat::Value, None, fields, &[], None, None);
     let decoded = decoder.decode(payload, NOW);
-    check_decoded(&decoder, &decoded);
+    check_decoded(&decoder, payload, &decoded);
     if let Ok(readings) = &decoded {
         assert_eq!(readings.len(), 1, "{readings:?}");
         let name = fields.first().copied().unwrap_or("value");

@@ -4,9 +4,12 @@
 //! Each target asserts properties, not only "does not crash"; a failed assertion is a crash
 //! to libFuzzer, which saves the input under `artifacts/<target>/`.
 
-use sensorgate::config::{FormatOptions, PayloadFormat};
-use sensorgate::decode::Decoder;
-use sensorgate::reading::{Decoded, Millis};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sensorgate::config::{FormatOptions, PayloadFormat, ValidationConfig};
+use sensorgate::decode::{DecodeLimits, Decoder, Layout};
+use sensorgate::reading::{Decoded, Millis, RejectReason};
 
 /// The receive time the targets pass to decoders.
 pub const NOW: Millis = 1_700_000_000_000;
@@ -14,7 +17,12 @@ pub const NOW: Millis = 1_700_000_000_000;
 /// Relative SenML times are at most 2^28 s away from the receive time (RFC 8428 §4.5.3).
 pub const SENML_RELATIVE_MS: Millis = 268_435_456_000;
 
-/// A decoder for `format` with the options a device's config would give it.
+/// The limits the targets decode under: small, so that inputs reach them.
+pub const MAX_VALUES: usize = 64;
+pub const MAX_NAME_BYTES: usize = 32;
+
+/// A decoder for `format` with the options a device's config would give it, and the
+/// limits [`MAX_VALUES`] and [`MAX_NAME_BYTES`].
 ///
 /// # Panics
 /// When `pattern` does not compile; callers pass patterns that do.
@@ -34,23 +42,62 @@ pub fn decoder(
         delimiter,
         pattern,
     };
-    Decoder::new(&options, fields.iter().map(|f| f.to_string()).collect())
+    let limits = DecodeLimits::new(&ValidationConfig {
+        max_values: MAX_VALUES,
+        max_name_bytes: MAX_NAME_BYTES,
+        ..ValidationConfig::default()
+    });
+    Decoder::new(&options, fields.iter().map(|f| f.to_string()).collect(), limits)
         .expect("the targets pass patterns that compile")
 }
 
 /// What every decoder promises: readings or an error that says something; never an empty
 /// list of readings; only configured fields when fields are configured; the timestamp field
 /// is never a reading; no source time when no timestamp field is configured (SenML carries
-/// its own and is checked by its target).
-pub fn check_decoded(decoder: &Decoder, decoded: &Decoded) {
+/// its own and is checked by its target); and an output bounded by the input: at most
+/// [`MAX_VALUES`] readings, names and units of at most [`MAX_NAME_BYTES`], and the
+/// readings' values and times (16 bytes each) with the names and units the payload made
+/// taking at most 8 times its bytes, plus 64.
+pub fn check_decoded(decoder: &Decoder, payload: &[u8], decoded: &Decoded) {
     let readings = match decoded {
         Ok(readings) => readings,
         Err(err) => {
-            assert!(!err.0.is_empty(), "an error without a message");
+            assert!(!err.detail.is_empty(), "an error without a message");
+            assert!(
+                matches!(
+                    err.reason,
+                    RejectReason::Malformed
+                        | RejectReason::TooManyValues
+                        | RejectReason::NameTooLong
+                ),
+                "a decoder refused with {:?}",
+                err.reason
+            );
             return;
         }
     };
     assert!(!readings.is_empty(), "Ok with no readings");
+    assert!(readings.len() <= MAX_VALUES, "{} readings", readings.len());
+    // Names the payload made, each allocation once; configured names are the config's.
+    let mut made: HashSet<*const u8> = HashSet::new();
+    let mut made_bytes = 0;
+    for name in readings
+        .iter()
+        .flat_map(|r| std::iter::once(&r.field).chain(r.unit.as_ref()))
+    {
+        assert!(name.len() <= MAX_NAME_BYTES, "name `{name}` is too long");
+        let configured = configured_names(decoder).any(|f| Arc::ptr_eq(f, name));
+        if !configured && made.insert(name.as_ptr()) {
+            made_bytes += name.len();
+        }
+    }
+    let cost = 16 * readings.len() + made_bytes;
+    assert!(
+        cost <= 8 * payload.len() + 64,
+        "{} bytes of input made {} readings and {made_bytes} bytes of names",
+        payload.len(),
+        readings.len()
+    );
     for reading in readings {
         assert!(!reading.field.is_empty(), "a reading without a field name");
         if !decoder.fields.is_empty() {
@@ -69,13 +116,23 @@ pub fn check_decoded(decoder: &Decoder, decoded: &Decoded) {
             );
         }
     }
-    let senml = matches!(decoder.layout, sensorgate::decode::Layout::Senml);
+    let senml = matches!(decoder.layout, Layout::Senml);
     if decoder.timestamp_field.is_none() && !senml {
         assert!(
             readings.iter().all(|r| r.source_time.is_none()),
             "a source time without a timestamp field: {readings:?}"
         );
     }
+}
+
+/// The names a decoder has from its config: fields, CSV columns, a pattern's captures.
+fn configured_names(decoder: &Decoder) -> impl Iterator<Item = &Arc<str>> {
+    let layout: &[Arc<str>] = match &decoder.layout {
+        Layout::Csv { columns, .. } => columns,
+        Layout::Regex(_, names) => names,
+        _ => &[],
+    };
+    decoder.fields.iter().chain(layout)
 }
 
 /// Text layouts stamp every reading of a line with the line's one timestamp.

@@ -203,7 +203,8 @@ pub struct Planned {
 pub struct Expect {
     /// `(metric, source time if the payload has one, value)`.
     pub readings: Vec<(&'static str, Option<i64>, f64)>,
-    /// Rejection reasons, one per rejected value or payload.
+    /// The reasons of the refused values, or of the refused payload, in order. The gateway
+    /// stores one rejection per message, with the first reason.
     pub rejections: Vec<&'static str>,
 }
 

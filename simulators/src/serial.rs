@@ -81,7 +81,7 @@ pub enum LineFault {
     /// readings stored.
     Split,
     /// `long_line_len` bytes of printable ASCII without a line ending, then a line ending,
-    /// then the planned line: one `too_long` rejection, then both readings.
+    /// then the planned line: one `too_large` rejection, then both readings.
     TooLong,
 }
 
@@ -206,7 +206,7 @@ impl LineScenario {
                 [&noise(self.device, seq)[..], end, &line].concat()
             }
             Some(LineFault::TooLong) => {
-                expect.rejections.push("too_long");
+                expect.rejections.push("too_large");
                 both(&mut expect);
                 let filler = b"0123456789abcdefghijklmnopqrstuvwxyz "
                     .iter()
@@ -839,7 +839,7 @@ mod tests {
                         assert_eq!(line.bytes.iter().filter(|&&b| b == b'\n').count(), 2);
                     }
                     Some(LineFault::TooLong) => {
-                        assert_eq!(want.rejections, ["too_long"]);
+                        assert_eq!(want.rejections, ["too_large"]);
                         let first = line.bytes.iter().position(|&b| b == b'\n').unwrap();
                         assert_eq!(first, 8 * 1024);
                     }

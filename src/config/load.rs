@@ -82,6 +82,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         invalid(offset, with_hint(err.message()))
     })?;
 
+    let mut warnings = Vec::new();
     let mut brokers = Vec::new();
     for spanned in file.brokers {
         let offset = spanned.span().start;
@@ -97,7 +98,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             ));
         };
         check_tls_files(&broker, endpoint.tls).map_err(|message| invalid(offset, message))?;
-        resolve_password(&mut broker).map_err(|message| invalid(offset, message))?;
+        resolve_password(&mut broker, &mut warnings).map_err(|message| invalid(offset, message))?;
+        if !(1..=MAX_PAYLOAD).contains(&broker.max_payload) {
+            return Err(invalid(
+                offset,
+                format!(
+                    "broker `{}`: max_payload must be between 1 and {MAX_PAYLOAD} bytes (MQTT's largest packet)",
+                    broker.id
+                ),
+            ));
+        }
         if broker.max_unacked == 0 {
             return Err(invalid(
                 offset,
@@ -168,7 +178,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     }
 
     let mut http = file.http;
-    check_http(&mut http).map_err(|message| invalid(offset_of(text, "[http]"), message))?;
+    check_http(&mut http, &mut warnings)
+        .map_err(|message| invalid(offset_of(text, "[http]"), message))?;
     let config = Config {
         storage: file.storage,
         pipeline: file.pipeline,
@@ -179,6 +190,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         brokers,
         serial_ports,
         devices,
+        warnings,
     };
     check_limits(&config).map_err(|(key, message)| invalid(offset_of(text, key), message))?;
     Ok(config)
@@ -329,9 +341,35 @@ fn check_format(
     Ok(())
 }
 
+/// The first line of a secrets file (`key` names it in errors), which must not be empty;
+/// a warning in `warnings` when users other than the file's owner and group may read it.
+fn read_secret(key: &str, path: &Path, warnings: &mut Vec<String>) -> Result<Secret, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|err| format!("{key} {}: {err}", path.display()))?;
+    let secret = text.lines().next().unwrap_or_default().trim();
+    if secret.is_empty() {
+        return Err(format!(
+            "{key} {}: the first line is empty; put the secret on it",
+            path.display()
+        ));
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            warnings.push(format!(
+                "{key} {} can be read by every user of this machine (mode {mode:04o}); \
+                 chmod 0640 it, owned by root and the gateway's group",
+                path.display()
+            ));
+        }
+    }
+    Ok(Secret::new(secret.to_string()))
+}
+
 /// Reads the password from `password_file` or `password_env` into `password`; at most one
 /// of the three may be set, and a password needs a username.
-fn resolve_password(broker: &mut BrokerConfig) -> Result<(), String> {
+fn resolve_password(broker: &mut BrokerConfig, warnings: &mut Vec<String>) -> Result<(), String> {
     let id = &broker.id;
     let sources = [
         broker.password.is_some(),
@@ -344,11 +382,8 @@ fn resolve_password(broker: &mut BrokerConfig) -> Result<(), String> {
         ));
     }
     if let Some(path) = &broker.password_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| format!("broker `{id}`: password_file {}: {err}", path.display()))?;
-        broker.password = Some(Secret::new(
-            text.lines().next().unwrap_or_default().to_string(),
-        ));
+        let key = format!("broker `{id}`: password_file");
+        broker.password = Some(read_secret(&key, path, warnings)?);
     }
     if let Some(var) = &broker.password_env {
         let value = std::env::var(var)
@@ -363,7 +398,7 @@ fn resolve_password(broker: &mut BrokerConfig) -> Result<(), String> {
 
 /// A listen address that parses, a token where one is needed (read from `token_file` into
 /// `token`), and sane limits.
-fn check_http(http: &mut HttpConfig) -> Result<(), String> {
+fn check_http(http: &mut HttpConfig, warnings: &mut Vec<String>) -> Result<(), String> {
     let address: std::net::SocketAddr = http.listen.parse().map_err(|_| {
         format!(
             "http.listen `{}` is not an address:port such as 127.0.0.1:8080",
@@ -374,11 +409,7 @@ fn check_http(http: &mut HttpConfig) -> Result<(), String> {
         if http.token.is_some() {
             return Err("http: set token or token_file, not both".into());
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| format!("http.token_file {}: {err}", path.display()))?;
-        http.token = Some(Secret::new(
-            text.lines().next().unwrap_or_default().trim().to_string(),
-        ));
+        http.token = Some(read_secret("http.token_file", path, warnings)?);
     }
     if let Some(token) = &http.token
         && token.expose().chars().count() < 16
@@ -392,8 +423,23 @@ fn check_http(http: &mut HttpConfig) -> Result<(), String> {
              127.0.0.1"
         ));
     }
-    if http.max_rows == 0 || http.stream_buffer == 0 {
-        return Err("http.max_rows and http.stream_buffer must be at least 1".into());
+    if http.max_rows == 0 || http.stream_buffer == 0 || http.max_connections == 0 {
+        return Err(
+            "http.max_rows, http.stream_buffer and http.max_connections must be at least 1".into(),
+        );
+    }
+    if http.max_connections > MAX_CONNECTIONS {
+        return Err(format!(
+            "http.max_connections must be at most {MAX_CONNECTIONS}"
+        ));
+    }
+    for (key, value) in [
+        ("header_timeout", http.header_timeout),
+        ("send_timeout", http.send_timeout),
+    ] {
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&value) {
+            return Err(format!("http.{key} must be between 100ms and 1h"));
+        }
     }
     // The live stream's buffer is allocated whole at start.
     if http.stream_buffer > MAX_STREAM_BUFFER {
@@ -437,6 +483,16 @@ fn check_tls_files(broker: &BrokerConfig, tls: bool) -> Result<(), String> {
 /// The most messages a channel between stages (or a device's inbox) may hold: memory is
 /// bounded by configuration, and the channels refuse far larger capacities with a panic.
 const MAX_CAPACITY: usize = 1 << 20;
+/// Ceilings on the per-message and per-device limits, so that no setting lets one message
+/// or one device cost without bound.
+const MAX_METRICS_PER_DEVICE: usize = 100_000;
+/// MQTT's largest packet, 256 MiB less one byte.
+const MAX_PAYLOAD: usize = 268_435_455;
+const MAX_VALUES: usize = 1_000_000;
+const MAX_NAME_BYTES: usize = 65_536;
+/// The most HTTP connections served at once: well below the 1,024 file descriptors the
+/// unit allows, which brokers, serial ports and the database share.
+const MAX_CONNECTIONS: usize = 512;
 /// The most commits a live-stream client may fall behind.
 const MAX_STREAM_BUFFER: usize = 1 << 16;
 
@@ -484,11 +540,19 @@ fn check_limits(config: &Config) -> Result<(), (&'static str, String)> {
             ));
         }
     }
-    if config.validation.max_metrics_per_device == 0 {
-        return Err((
+    let validation = &config.validation;
+    for (key, value, max) in [
+        (
             "max_metrics_per_device",
-            "max_metrics_per_device must be at least 1".into(),
-        ));
+            validation.max_metrics_per_device,
+            MAX_METRICS_PER_DEVICE,
+        ),
+        ("max_values", validation.max_values, MAX_VALUES),
+        ("max_name_bytes", validation.max_name_bytes, MAX_NAME_BYTES),
+    ] {
+        if !(1..=max).contains(&value) {
+            return Err((key, format!("{key} must be between 1 and {max}")));
+        }
     }
     for window in &config.rollups.windows {
         if window.as_millis() < 1000 || window.subsec_millis() != 0 {

@@ -34,9 +34,20 @@ pub struct Config {
     pub brokers: Vec<BrokerConfig>,
     pub serial_ports: Vec<SerialPortConfig>,
     pub devices: Vec<DeviceConfig>,
+    /// What is usable but unwise, for `check-config` to print and `run` to log: secrets
+    /// files other users can read.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
+    /// Logs each warning as WARN, naming the file.
+    pub fn with_warnings_logged(self, path: &std::path::Path) -> Self {
+        for warning in &self.warnings {
+            tracing::warn!(config = %path.display(), warning = %warning, "Config warning");
+        }
+        self
+    }
+
     pub fn broker(&self, id: &str) -> Option<&BrokerConfig> {
         self.brokers.iter().find(|b| b.id == id)
     }
@@ -170,7 +181,13 @@ pub struct ValidationConfig {
     pub max_past: Duration,
     /// The most metrics a device may have that its config does not list; beyond it new ones
     /// are rejected, so a misbehaving sensor cannot grow memory or the database without end.
+    /// Counted from the database at start, so restarts do not add more.
     pub max_metrics_per_device: usize,
+    /// The most values one payload or line may hold; a larger one is refused whole
+    /// (`too_many_values`), as soon as decoding gets there.
+    pub max_values: usize,
+    /// The longest metric name or unit a payload may carry, in bytes (`name_too_long`).
+    pub max_name_bytes: usize,
 }
 
 impl Default for ValidationConfig {
@@ -181,6 +198,8 @@ impl Default for ValidationConfig {
             max_future: Duration::from_secs(600),
             max_past: Duration::from_secs(7 * 86_400),
             max_metrics_per_device: 100,
+            max_values: 10_000,
+            max_name_bytes: 256,
         }
     }
 }
@@ -254,6 +273,16 @@ pub struct HttpConfig {
     pub max_rows: u32,
     /// Batches of new readings a live-stream client may fall behind before it skips them.
     pub stream_buffer: usize,
+    /// The most connections served at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers, and how long an idle
+    /// connection stays open.
+    #[serde(with = "duration")]
+    pub header_timeout: Duration,
+    /// How long a client may take no bytes of a response before it is cut off (and the
+    /// query behind the response stops).
+    #[serde(with = "duration")]
+    pub send_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -265,6 +294,9 @@ impl Default for HttpConfig {
             token_file: None,
             max_rows: 100_000,
             stream_buffer: 64,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -321,6 +353,10 @@ pub struct BrokerConfig {
     /// The longest wait between reconnect attempts.
     #[serde(default = "default_reconnect_max", with = "duration")]
     pub reconnect_max: Duration,
+    /// The largest payload stored, in bytes. A larger publish is cut as it arrives and stored
+    /// as a `too_large` rejection holding its first 4 KiB, then acknowledged.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: usize,
     /// PEM file of the CAs that sign the broker's certificate (mqtts:// only); default the
     /// system bundle.
     #[serde(default)]
@@ -356,6 +392,9 @@ fn default_keep_alive() -> Duration {
 }
 fn default_max_unacked() -> u16 {
     1000
+}
+fn default_max_payload() -> usize {
+    1 << 20
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)

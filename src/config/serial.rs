@@ -97,7 +97,7 @@ pub struct SerialDeviceConfig {
     /// What ends a line; a trailing `\r` is dropped either way.
     #[serde(default = "default_terminator")]
     pub terminator: String,
-    /// Longer lines are stored as a `too_long` rejection; reading resumes at the next
+    /// Longer lines are stored as a `too_large` rejection; reading resumes at the next
     /// terminator.
     #[serde(default = "default_max_line")]
     pub max_line: usize,

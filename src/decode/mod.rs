@@ -11,11 +11,182 @@ mod time;
 pub use time::{format_rfc3339, parse_rfc3339, write_rfc3339};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use regex::Regex;
 
-use crate::config::{FormatOptions, PayloadFormat};
-use crate::reading::{DecodeError, Decoded, Millis, RawReading};
+use crate::config::{FormatOptions, PayloadFormat, ValidationConfig};
+use crate::reading::{
+    DecodeError, Decoded, FastSet, MAX_NAME_AMPLIFICATION, Millis, RawReading, RejectReason,
+};
+
+/// What one payload may decode to, shared by every device's decoder so a reload changes it
+/// for all of them at once.
+#[derive(Debug)]
+pub struct DecodeLimits {
+    max_values: AtomicUsize,
+    max_name_bytes: AtomicUsize,
+}
+
+impl DecodeLimits {
+    pub fn new(validation: &ValidationConfig) -> Arc<Self> {
+        Arc::new(Self {
+            max_values: AtomicUsize::new(validation.max_values),
+            max_name_bytes: AtomicUsize::new(validation.max_name_bytes),
+        })
+    }
+
+    /// Takes a reloaded config's limits.
+    pub fn update(&self, validation: &ValidationConfig) {
+        self.max_values
+            .store(validation.max_values, Ordering::Relaxed);
+        self.max_name_bytes
+            .store(validation.max_name_bytes, Ordering::Relaxed);
+    }
+}
+
+/// The readings of one payload as a decoder finds them, kept within the limits: at most
+/// `max_values` of them, names and units of at most `max_name_bytes` each, and names
+/// allocated for this payload (each distinct one once) of at most
+/// [`MAX_NAME_AMPLIFICATION`] times its size. A payload past a limit is refused whole as
+/// soon as the decoder gets there, so what it costs stays a small multiple of its size.
+pub(crate) struct Output {
+    readings: Vec<RawReading>,
+    max_values: usize,
+    max_name_bytes: usize,
+    /// Name bytes this payload may still allocate.
+    name_budget: usize,
+    /// The names and units allocated so far, each once.
+    names: FastSet<Arc<str>>,
+}
+
+impl Output {
+    fn new(limits: &DecodeLimits, payload_len: usize) -> Self {
+        Self {
+            readings: Vec::new(),
+            max_values: limits.max_values.load(Ordering::Relaxed),
+            max_name_bytes: limits.max_name_bytes.load(Ordering::Relaxed),
+            name_budget: payload_len.saturating_mul(MAX_NAME_AMPLIFICATION),
+            names: FastSet::default(),
+        }
+    }
+
+    /// Adds a reading.
+    ///
+    /// # Errors
+    /// `too_many_values` past `max_values`.
+    pub(crate) fn push(&mut self, reading: RawReading) -> Result<(), DecodeError> {
+        if self.readings.len() >= self.max_values {
+            return Err(DecodeError::limit(
+                RejectReason::TooManyValues,
+                format!(
+                    "the payload holds more than {} values (validation.max_values)",
+                    self.max_values
+                ),
+            ));
+        }
+        self.readings.push(reading);
+        Ok(())
+    }
+
+    /// A name (`what`: "metric name", "unit") for this payload's readings: the one allocated
+    /// before when it repeats.
+    ///
+    /// # Errors
+    /// `name_too_long` past `max_name_bytes`, or when this payload's names would take more
+    /// than [`MAX_NAME_AMPLIFICATION`] times its size.
+    pub(crate) fn name(&mut self, name: &str, what: &str) -> Result<Arc<str>, DecodeError> {
+        self.check_name_len(name.len(), what, name)?;
+        if let Some(known) = self.names.get(name) {
+            return Ok(known.clone());
+        }
+        self.charge(name.len())?;
+        let name: Arc<str> = Arc::from(name);
+        self.names.insert(name.clone());
+        Ok(name)
+    }
+
+    /// As [`Output::name`] for a name made of two parts, checked before they are joined.
+    pub(crate) fn joined_name(&mut self, head: &str, tail: &str) -> Result<Arc<str>, DecodeError> {
+        if tail.is_empty() {
+            return self.name(head, "metric name");
+        }
+        self.check_name_len(head.len() + tail.len(), "metric name", head)?;
+        let mut joined = String::with_capacity(head.len() + tail.len());
+        joined.push_str(head);
+        joined.push_str(tail);
+        self.name(&joined, "metric name")
+    }
+
+    fn check_name_len(&self, len: usize, what: &str, text: &str) -> Result<(), DecodeError> {
+        if len > self.max_name_bytes {
+            return Err(DecodeError::limit(
+                RejectReason::NameTooLong,
+                format!(
+                    "{what} `{}` is {len} bytes, longer than {} (validation.max_name_bytes)",
+                    truncate(text),
+                    self.max_name_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn charge(&mut self, bytes: usize) -> Result<(), DecodeError> {
+        match self.name_budget.checked_sub(bytes) {
+            Some(left) => {
+                self.name_budget = left;
+                Ok(())
+            }
+            None => Err(DecodeError::limit(
+                RejectReason::NameTooLong,
+                format!(
+                    "the payload's metric names would take more than {MAX_NAME_AMPLIFICATION} \
+                     times its own size"
+                ),
+            )),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.readings.len()
+    }
+
+    /// Drops the readings in `dead` (ranges of indices at or after `from`), keeping the
+    /// order of the others; empties `dead`.
+    fn remove(&mut self, from: usize, dead: &mut Vec<std::ops::Range<usize>>) {
+        if dead.is_empty() {
+            return;
+        }
+        // Ranges nest or follow each other; sorted by start, one pass drops them all.
+        dead.sort_unstable_by_key(|range| range.start);
+        let mut ranges = dead.iter().peekable();
+        let mut dead_until = 0;
+        let mut kept = from;
+        for index in from..self.readings.len() {
+            while let Some(range) = ranges.next_if(|range| range.start <= index) {
+                dead_until = dead_until.max(range.end);
+            }
+            if index >= dead_until {
+                self.readings.swap(kept, index);
+                kept += 1;
+            }
+        }
+        self.readings.truncate(kept);
+        dead.clear();
+    }
+
+    /// Stamps the readings from index `from` on with `time`.
+    fn set_source_time(&mut self, from: usize, time: Option<Millis>) {
+        for reading in &mut self.readings[from..] {
+            reading.source_time = time;
+        }
+    }
+
+    fn finish(self) -> Vec<RawReading> {
+        self.readings
+    }
+}
 
 /// How a payload or line is laid out, with what each layout needs to be read.
 #[derive(Clone, Debug)]
@@ -26,9 +197,11 @@ pub enum Layout {
     KeyValue,
     Csv {
         delimiter: char,
-        columns: Vec<String>,
+        /// Each column's field name, shared by the readings it makes.
+        columns: Vec<Arc<str>>,
     },
-    Regex(Regex),
+    /// The pattern, and its named captures (each a field name, shared by the readings).
+    Regex(Regex, Vec<Arc<str>>),
 }
 
 /// A device's decoding rules, built once from its config.
@@ -42,6 +215,7 @@ pub struct Decoder {
     /// For JSON: the configured fields and then the timestamp field, without repeats, when
     /// all of them are top-level keys; what the fast path looks for.
     flat_keys: Option<Vec<Arc<str>>>,
+    limits: Arc<DecodeLimits>,
 }
 
 impl Decoder {
@@ -49,7 +223,11 @@ impl Decoder {
     ///
     /// # Errors
     /// When a `regex` pattern does not compile (loading the config checks this first).
-    pub fn new(options: &FormatOptions<'_>, fields: Vec<String>) -> Result<Self, regex::Error> {
+    pub fn new(
+        options: &FormatOptions<'_>,
+        fields: Vec<String>,
+        limits: Arc<DecodeLimits>,
+    ) -> Result<Self, regex::Error> {
         let layout = match options.format {
             PayloadFormat::Json => Layout::Json,
             PayloadFormat::Senml => Layout::Senml,
@@ -57,9 +235,17 @@ impl Decoder {
             PayloadFormat::KeyValue => Layout::KeyValue,
             PayloadFormat::Csv => Layout::Csv {
                 delimiter: options.delimiter.unwrap_or(','),
-                columns: options.columns.to_vec(),
+                columns: options
+                    .columns
+                    .iter()
+                    .map(|c| Arc::from(c.as_str()))
+                    .collect(),
             },
-            PayloadFormat::Regex => Layout::Regex(Regex::new(options.pattern.unwrap_or_default())?),
+            PayloadFormat::Regex => {
+                let pattern = Regex::new(options.pattern.unwrap_or_default())?;
+                let names = pattern.capture_names().flatten().map(Arc::from).collect();
+                Layout::Regex(pattern, names)
+            }
         };
         let fields: Vec<Arc<str>> = fields.into_iter().map(Arc::from).collect();
         let timestamp_field = options.timestamp_field.map(str::to_string);
@@ -69,6 +255,7 @@ impl Decoder {
             timestamp_field,
             fields,
             flat_keys,
+            limits,
         })
     }
 
@@ -78,32 +265,36 @@ impl Decoder {
     /// A [`DecodeError`] naming the offending field, record or byte when the payload does not
     /// fit the format.
     pub fn decode(&self, payload: &[u8], now: Millis) -> Decoded {
+        let mut out = Output::new(&self.limits, payload.len());
         match &self.layout {
-            Layout::Json => json::decode(self, payload),
-            Layout::Senml => senml::decode(self, payload, now),
-            Layout::Value => self.decode_value(payload),
-            Layout::KeyValue => text::key_value(self, payload),
-            Layout::Csv { delimiter, columns } => text::csv(self, *delimiter, columns, payload),
-            Layout::Regex(pattern) => text::regex(self, pattern, payload),
-        }
+            Layout::Json => json::decode(self, payload, &mut out),
+            Layout::Senml => senml::decode(self, payload, now, &mut out),
+            Layout::Value => self.decode_value(payload, &mut out),
+            Layout::KeyValue => text::key_value(self, payload, &mut out),
+            Layout::Csv { delimiter, columns } => {
+                text::csv(self, *delimiter, columns, payload, &mut out)
+            }
+            Layout::Regex(pattern, names) => text::regex(self, pattern, names, payload, &mut out),
+        }?;
+        Ok(out.finish())
     }
 
-    fn decode_value(&self, payload: &[u8]) -> Decoded {
+    fn decode_value(&self, payload: &[u8], out: &mut Output) -> Result<(), DecodeError> {
         let text = text::text(payload)?;
         let value: f64 = text
             .parse()
-            .map_err(|_| DecodeError(format!("`{}` is not a number", truncate(text))))?;
+            .map_err(|_| DecodeError::malformed(format!("`{}` is not a number", truncate(text))))?;
         let field = self
             .fields
             .first()
             .cloned()
             .unwrap_or_else(|| Arc::from("value"));
-        Ok(vec![RawReading {
+        out.push(RawReading {
             field,
             value,
             unit: None,
             source_time: None,
-        }])
+        })
     }
 }
 
@@ -208,7 +399,8 @@ mod golden {
                 delimiter: spec.delimiter,
                 pattern: spec.pattern.as_deref(),
             };
-            let decoder = Decoder::new(&options, spec.fields.clone())
+            let limits = DecodeLimits::new(&ValidationConfig::default());
+            let decoder = Decoder::new(&options, spec.fields.clone(), limits)
                 .unwrap_or_else(|e| panic!("{name}: pattern: {e}"));
             let got = decoder.decode(&input, NOW);
             match (expected, got) {
@@ -218,7 +410,7 @@ mod golden {
                         .map(|r| Expected {
                             field: r.field.to_string(),
                             value: r.value,
-                            unit: r.unit,
+                            unit: r.unit.map(|u| u.to_string()),
                             time: r.source_time,
                         })
                         .collect();
@@ -226,7 +418,7 @@ mod golden {
                 }
                 (Outcome::Error { error }, Err(got)) => {
                     assert!(
-                        got.0.contains(&error),
+                        got.detail.contains(&error),
                         "case {name}: `{got}` lacks `{error}`"
                     );
                 }
@@ -239,6 +431,81 @@ mod golden {
                 ),
             }
         }
+    }
+
+    fn decoder(format: PayloadFormat, fields: &[&str], columns: &[&str]) -> Decoder {
+        let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+        let options = FormatOptions {
+            format,
+            timestamp_field: None,
+            columns: &columns,
+            delimiter: None,
+            pattern: None,
+        };
+        let limits = DecodeLimits::new(&ValidationConfig::default());
+        Decoder::new(
+            &options,
+            fields.iter().map(|f| f.to_string()).collect(),
+            limits,
+        )
+        .unwrap()
+    }
+
+    /// A 900 kB base name and 12,000 records of `{"v":1}` once made 10 GB of names.
+    #[test]
+    fn a_senml_base_name_is_shared_not_copied_and_bounded() {
+        let senml = decoder(PayloadFormat::Senml, &[], &[]);
+        let mut pack = format!(r#"[{{"bn":"{}","v":1}}"#, "b".repeat(200));
+        pack.push_str(&r#",{"v":1}"#.repeat(5000));
+        pack.push(']');
+        let readings = senml.decode(pack.as_bytes(), NOW).unwrap();
+        assert_eq!(readings.len(), 5001);
+        assert!(
+            readings
+                .iter()
+                .all(|r| Arc::ptr_eq(&r.field, &readings[0].field))
+        );
+
+        let huge = format!(r#"[{{"bn":"{}","v":1}}]"#, "b".repeat(900_000));
+        let err = senml.decode(huge.as_bytes(), NOW).unwrap_err();
+        assert_eq!(err.reason, RejectReason::NameTooLong);
+
+        let units = format!(r#"[{{"n":"t","bu":"{}","v":1}}]"#, "u".repeat(300));
+        let err = senml.decode(units.as_bytes(), NOW).unwrap_err();
+        assert_eq!(err.reason, RejectReason::NameTooLong);
+        assert!(err.detail.starts_with("unit `uuu"), "{err}");
+
+        let many = format!("[{}]", vec![r#"{"n":"t","v":1}"#; 10_001].join(","));
+        let err = senml.decode(many.as_bytes(), NOW).unwrap_err();
+        assert_eq!(err.reason, RejectReason::TooManyValues);
+    }
+
+    #[test]
+    fn a_line_of_more_pairs_than_max_values_is_refused_whole() {
+        let kv = decoder(PayloadFormat::KeyValue, &[], &[]);
+        let line: Vec<String> = (0..10_001).map(|i| format!("k{i}=1")).collect();
+        let err = kv.decode(line.join(" ").as_bytes(), NOW).unwrap_err();
+        assert_eq!(err.reason, RejectReason::TooManyValues);
+        let line = format!("{}=1", "k".repeat(257));
+        assert_eq!(
+            kv.decode(line.as_bytes(), NOW).unwrap_err().reason,
+            RejectReason::NameTooLong
+        );
+    }
+
+    /// Column names come from the config: however long, they cost a short line nothing.
+    #[test]
+    fn configured_column_names_do_not_count_against_a_short_line() {
+        let csv = decoder(
+            PayloadFormat::Csv,
+            &[],
+            &[
+                "temperature_in_degrees_celsius",
+                "relative_humidity_percent",
+            ],
+        );
+        let readings = csv.decode(b"1,2", NOW).unwrap();
+        assert_eq!(&*readings[1].field, "relative_humidity_percent");
     }
 
     #[test]
@@ -272,7 +539,8 @@ mod golden {
                 delimiter: None,
                 pattern: Some(r"(?P<a>[-0-9.]+)\s*(?P<ts>\d+)?"),
             };
-            let decoder = Decoder::new(&options, vec![]).unwrap();
+            let limits = DecodeLimits::new(&ValidationConfig::default());
+            let decoder = Decoder::new(&options, vec![], limits).unwrap();
             for len in 0..400 {
                 let bytes: Vec<u8> = (0..len % 64)
                     .map(|_| {

@@ -1,12 +1,17 @@
 //! SenML JSON (RFC 8428): a pack of records; base name, base time and base unit carry over to
 //! the records that follow.
+//!
+//! The pack is read one record at a time and never held whole: what a pack costs is its
+//! readings, within the [`Output`] limits, whatever its records look like.
 
+use std::fmt;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
-use super::Decoder;
-use crate::reading::{DecodeError, Decoded, Millis, RawReading};
+use super::{Decoder, Output};
+use crate::reading::{DecodeError, Millis, RawReading};
 
 /// Times at or below 2^28 seconds are relative to now (RFC 8428 §4.5.3).
 const RELATIVE_LIMIT: f64 = 268_435_456.0;
@@ -27,70 +32,153 @@ struct Record {
     t: Option<f64>,
 }
 
-pub(super) fn decode(decoder: &Decoder, payload: &[u8], now: Millis) -> Decoded {
-    let records: Vec<Record> = serde_json::from_slice(payload)
-        .map_err(|err| DecodeError(format!("invalid SenML JSON: {err}")))?;
-    if records.is_empty() {
-        return Err(DecodeError("the SenML pack has no records".into()));
+pub(super) fn decode(
+    decoder: &Decoder,
+    payload: &[u8],
+    now: Millis,
+    out: &mut Output,
+) -> Result<(), DecodeError> {
+    let mut pack = Pack {
+        decoder,
+        now,
+        out,
+        base_name: Arc::from(""),
+        base_time: 0.0,
+        base_unit: None,
+        base_value: 0.0,
+        records: 0,
+        error: None,
+    };
+    let mut json = serde_json::Deserializer::from_slice(payload);
+    let parsed = (&mut pack).deserialize(&mut json).and_then(|()| json.end());
+    if let Some(err) = pack.error {
+        return Err(err);
     }
-    let (mut base_name, mut base_time, mut base_unit, mut base_value) =
-        (String::new(), 0.0, None::<String>, 0.0);
-    let mut readings = Vec::with_capacity(records.len());
-    for (i, record) in records.into_iter().enumerate() {
-        if let Some(bn) = record.bn {
-            base_name = bn;
-        }
-        if let Some(bt) = record.bt {
-            base_time = bt;
-        }
-        if let Some(bu) = record.bu {
-            base_unit = Some(bu);
-        }
-        if let Some(bv) = record.bv {
-            base_value = bv;
-        }
-        let name = format!("{base_name}{}", record.n.as_deref().unwrap_or(""));
-        if name.is_empty() {
-            return Err(DecodeError(format!("record {i} has no name (n or bn)")));
-        }
-        let value = match (record.v, record.vb, record.s) {
-            (Some(v), _, _) => base_value + v,
-            (None, Some(vb), _) => f64::from(u8::from(vb)),
-            (None, None, Some(sum)) => sum,
-            (None, None, None) if record.vs.is_some() || record.vd.is_some() => {
-                return Err(DecodeError(format!(
-                    "record {i} (`{name}`) has a string or data value; only numbers are stored"
-                )));
-            }
-            (None, None, None) => continue,
-        };
-        if !decoder.fields.is_empty() && !decoder.fields.iter().any(|f| **f == *name) {
-            continue;
-        }
-        let time = base_time + record.t.unwrap_or(0.0);
-        let source_time = if time == 0.0 {
-            None
-        } else if time.abs() <= RELATIVE_LIMIT {
-            Some(now + (time * 1000.0).round() as Millis)
-        } else {
-            Some(seconds_to_millis(time).ok_or_else(|| {
-                DecodeError(format!("record {i} (`{name}`) has an invalid time {time}"))
-            })?)
-        };
-        readings.push(RawReading {
-            field: Arc::from(name),
-            value,
-            unit: record.u.or_else(|| base_unit.clone()),
-            source_time,
-        });
+    parsed.map_err(|err| DecodeError::malformed(format!("invalid SenML JSON: {err}")))?;
+    if pack.records == 0 {
+        return Err(DecodeError::malformed("the SenML pack has no records"));
     }
-    if readings.is_empty() {
-        return Err(DecodeError(format!(
+    if pack.out.len() == 0 {
+        return Err(DecodeError::malformed(format!(
             "no record matches the configured fields ({})",
             decoder.fields.join(", ")
         )));
     }
-    Ok(readings)
+    Ok(())
+}
+
+/// The state carried from record to record.
+struct Pack<'d, 'o> {
+    decoder: &'d Decoder,
+    now: Millis,
+    out: &'o mut Output,
+    base_name: Arc<str>,
+    base_time: f64,
+    base_unit: Option<Arc<str>>,
+    base_value: f64,
+    records: usize,
+    /// Why the pack was refused, where that was not the JSON itself.
+    error: Option<DecodeError>,
+}
+
+impl<'de> DeserializeSeed<'de> for &mut Pack<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for &mut Pack<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(record) = seq.next_element::<Record>()? {
+            let i = self.records;
+            self.records += 1;
+            if let Err(err) = self.record(i, record) {
+                self.error = Some(err);
+                return Err(de::Error::custom("refused"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Pack<'_, '_> {
+    fn record(&mut self, i: usize, record: Record) -> Result<(), DecodeError> {
+        if let Some(bn) = record.bn {
+            self.base_name = self.out.name(&bn, "metric name")?;
+        }
+        if let Some(bt) = record.bt {
+            self.base_time = bt;
+        }
+        if let Some(bu) = record.bu {
+            self.base_unit = Some(self.out.name(&bu, "unit")?);
+        }
+        if let Some(bv) = record.bv {
+            self.base_value = bv;
+        }
+        let tail = record.n.as_deref().unwrap_or("");
+        if self.base_name.is_empty() && tail.is_empty() {
+            return Err(DecodeError::malformed(format!(
+                "record {i} has no name (n or bn)"
+            )));
+        }
+        let value = match (record.v, record.vb, record.s) {
+            (Some(v), _, _) => self.base_value + v,
+            (None, Some(vb), _) => f64::from(u8::from(vb)),
+            (None, None, Some(sum)) => sum,
+            (None, None, None) if record.vs.is_some() || record.vd.is_some() => {
+                return Err(DecodeError::malformed(format!(
+                    "record {i} (`{}`) has a string or data value; only numbers are stored",
+                    super::truncate(&format!("{}{tail}", self.base_name))
+                )));
+            }
+            (None, None, None) => return Ok(()),
+        };
+        // With fields configured, the name is one of them (no allocation); else the joined
+        // name, allocated once per pack.
+        let field = if self.decoder.fields.is_empty() {
+            self.out.joined_name(&self.base_name, tail)?
+        } else {
+            let base = &*self.base_name;
+            let configured = self.decoder.fields.iter().find(|f| {
+                f.len() == base.len() + tail.len() && f.starts_with(base) && f.ends_with(tail)
+            });
+            match configured {
+                Some(field) => field.clone(),
+                None => return Ok(()),
+            }
+        };
+        let time = self.base_time + record.t.unwrap_or(0.0);
+        let source_time = if time == 0.0 {
+            None
+        } else if time.abs() <= RELATIVE_LIMIT {
+            Some(self.now + (time * 1000.0).round() as Millis)
+        } else {
+            Some(seconds_to_millis(time).ok_or_else(|| {
+                DecodeError::malformed(format!(
+                    "record {i} (`{}`) has an invalid time {time}",
+                    super::truncate(&field)
+                ))
+            })?)
+        };
+        let unit = match record.u {
+            Some(u) => Some(self.out.name(&u, "unit")?),
+            None => self.base_unit.clone(),
+        };
+        self.out.push(RawReading {
+            field,
+            value,
+            unit,
+            source_time,
+        })
+    }
 }
 
 /// SenML times are always seconds.

@@ -6,36 +6,39 @@ use std::sync::Arc;
 
 use regex::Regex;
 
-use super::{Decoder, epoch_to_millis, parse_rfc3339, truncate};
-use crate::reading::{DecodeError, Decoded, Millis, RawReading};
+use super::{Decoder, Output, epoch_to_millis, parse_rfc3339, truncate};
+use crate::reading::{DecodeError, Millis, RawReading};
 
 /// The payload as trimmed UTF-8 text.
 pub(super) fn text(payload: &[u8]) -> Result<&str, DecodeError> {
     let text = std::str::from_utf8(payload)
-        .map_err(|err| DecodeError(format!("not UTF-8 text: {err}")))?;
+        .map_err(|err| DecodeError::malformed(format!("not UTF-8 text: {err}")))?;
     Ok(text.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
 }
 
 /// `ts=1700000000000 temp=21.5 hum=40.2`: pairs separated by spaces, `,` or `;`; key and value
 /// by the first `=` (or `:` when there is no `=`).
-pub(super) fn key_value(decoder: &Decoder, payload: &[u8]) -> Decoded {
+pub(super) fn key_value(
+    decoder: &Decoder,
+    payload: &[u8],
+    out: &mut Output,
+) -> Result<(), DecodeError> {
     let line = text(payload)?;
-    let mut pairs = Vec::new();
-    for token in line
+    let pairs = line
         .split(|c: char| c.is_whitespace() || c == ',' || c == ';')
         .filter(|t| !t.is_empty())
-    {
-        // A pair needs a key: `=5` would be a metric without a name.
-        let split = token.find('=').or_else(|| token.find(':'));
-        let Some(at) = split.filter(|&at| at > 0) else {
-            return Err(DecodeError(format!(
-                "`{}` is not a key=value pair",
-                truncate(token)
-            )));
-        };
-        pairs.push((&token[..at], &token[at + 1..]));
-    }
-    from_pairs(decoder, pairs)
+        .map(|token| {
+            // A pair needs a key: `=5` would be a metric without a name.
+            let split = token.find('=').or_else(|| token.find(':'));
+            match split.filter(|&at| at > 0) {
+                Some(at) => Ok((Name::Payload(&token[..at]), &token[at + 1..])),
+                None => Err(DecodeError::malformed(format!(
+                    "`{}` is not a key=value pair",
+                    truncate(token)
+                ))),
+            }
+        });
+    from_pairs(decoder, pairs, out)
 }
 
 /// `1700000000000,21.5,40.2` with `columns = ["ts", "temp", "hum"]`; a column named `_` (or
@@ -43,73 +46,101 @@ pub(super) fn key_value(decoder: &Decoder, payload: &[u8]) -> Decoded {
 pub(super) fn csv(
     decoder: &Decoder,
     delimiter: char,
-    columns: &[String],
+    columns: &[Arc<str>],
     payload: &[u8],
-) -> Decoded {
+    out: &mut Output,
+) -> Result<(), DecodeError> {
     let line = text(payload)?;
-    let cells: Vec<&str> = line
-        .split(delimiter)
-        .map(|cell| cell.trim().trim_matches('"'))
-        .collect();
-    if cells.len() != columns.len() {
-        return Err(DecodeError(format!(
-            "line has {} fields, expected {} ({})",
-            cells.len(),
+    // Counted before anything is kept: a line of a million delimiters costs nothing more.
+    let cells = line.split(delimiter).count();
+    if cells != columns.len() {
+        return Err(DecodeError::malformed(format!(
+            "line has {cells} fields, expected {} ({})",
             columns.len(),
             columns.join(", ")
         )));
     }
     let pairs = columns
         .iter()
-        .zip(cells)
-        .filter(|(column, _)| !column.is_empty() && column.as_str() != "_")
-        .map(|(column, cell)| (column.as_str(), cell));
-    from_pairs(decoder, pairs)
+        .zip(
+            line.split(delimiter)
+                .map(|cell| cell.trim().trim_matches('"')),
+        )
+        .filter(|(column, _)| !column.is_empty() && &***column != "_")
+        .map(|(column, cell)| Ok((Name::Config(column), cell)));
+    from_pairs(decoder, pairs, out)
 }
 
 /// A line matched against `pattern`; each named capture is a field.
-pub(super) fn regex(decoder: &Decoder, pattern: &Regex, payload: &[u8]) -> Decoded {
+pub(super) fn regex(
+    decoder: &Decoder,
+    pattern: &Regex,
+    names: &[Arc<str>],
+    payload: &[u8],
+    out: &mut Output,
+) -> Result<(), DecodeError> {
     let line = text(payload)?;
     let captures = pattern.captures(line).ok_or_else(|| {
-        DecodeError(format!(
+        DecodeError::malformed(format!(
             "`{}` does not match the pattern `{}`",
             truncate(line),
             truncate(pattern.as_str())
         ))
     })?;
-    let pairs = pattern
-        .capture_names()
-        .flatten()
-        .filter_map(|name| captures.name(name).map(|matched| (name, matched.as_str())));
-    from_pairs(decoder, pairs)
+    let pairs = names.iter().filter_map(|name| {
+        captures
+            .name(name)
+            .map(|matched| Ok((Name::Config(name), matched.as_str())))
+    });
+    from_pairs(decoder, pairs, out)
+}
+
+/// A field's name: from the config (a CSV column, a named capture), shared; or from the
+/// payload (a key), allocated within the payload's limits.
+enum Name<'a> {
+    Config(&'a Arc<str>),
+    Payload(&'a str),
 }
 
 /// Readings from `(field, text)` pairs: the timestamp field gives the source time, the
-/// configured fields (or every numeric one when none is configured) the values.
+/// configured fields (or every numeric one when none is configured) the values. A pair
+/// that is no pair ends the line with its error.
 fn from_pairs<'a>(
     decoder: &Decoder,
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> Decoded {
+    pairs: impl IntoIterator<Item = Result<(Name<'a>, &'a str), DecodeError>>,
+    out: &mut Output,
+) -> Result<(), DecodeError> {
     let mut source_time = None;
-    let mut readings = Vec::new();
-    for (field, text) in pairs {
+    for pair in pairs {
+        let (name, text) = pair?;
+        let field = match &name {
+            Name::Config(name) => &***name,
+            Name::Payload(name) => name,
+        };
         if decoder.timestamp_field.as_deref() == Some(field) {
             source_time = Some(timestamp(field, text)?);
             continue;
         }
-        let configured = decoder.fields.iter().any(|f| **f == *field);
-        if !decoder.fields.is_empty() && !configured {
+        let configured = decoder.fields.iter().find(|f| ***f == *field);
+        if !decoder.fields.is_empty() && configured.is_none() {
             continue;
         }
         match text.trim().parse::<f64>() {
-            Ok(value) => readings.push(RawReading {
-                field: Arc::from(field),
-                value,
-                unit: None,
-                source_time: None,
-            }),
-            Err(_) if configured => {
-                return Err(DecodeError(format!(
+            Ok(value) => {
+                let field = match (configured, &name) {
+                    (Some(field), _) => field.clone(),
+                    (None, Name::Config(name)) => Arc::clone(name),
+                    (None, Name::Payload(name)) => out.name(name, "metric name")?,
+                };
+                out.push(RawReading {
+                    field,
+                    value,
+                    unit: None,
+                    source_time: None,
+                })?;
+            }
+            Err(_) if configured.is_some() => {
+                return Err(DecodeError::malformed(format!(
                     "field `{field}` is `{}`, expected a number",
                     truncate(text)
                 )));
@@ -117,8 +148,8 @@ fn from_pairs<'a>(
             Err(_) => {}
         }
     }
-    if readings.is_empty() {
-        return Err(DecodeError(if decoder.fields.is_empty() {
+    if out.len() == 0 {
+        return Err(DecodeError::malformed(if decoder.fields.is_empty() {
             "the line has no numeric field".into()
         } else {
             format!(
@@ -127,10 +158,8 @@ fn from_pairs<'a>(
             )
         }));
     }
-    for reading in &mut readings {
-        reading.source_time = source_time;
-    }
-    Ok(readings)
+    out.set_source_time(0, source_time);
+    Ok(())
 }
 
 fn timestamp(field: &str, text: &str) -> Result<Millis, DecodeError> {
@@ -140,7 +169,7 @@ fn timestamp(field: &str, text: &str) -> Result<Millis, DecodeError> {
         .and_then(epoch_to_millis)
         .or_else(|| parse_rfc3339(text))
         .ok_or_else(|| {
-            DecodeError(format!(
+            DecodeError::malformed(format!(
                 "timestamp field `{field}` is `{}`, expected epoch seconds or milliseconds or RFC 3339",
                 truncate(text)
             ))

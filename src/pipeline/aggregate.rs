@@ -13,8 +13,8 @@ use crate::storage::Batch;
 use super::validate::Checked;
 
 /// Raw bytes of rejected payloads that fill a batch whatever its row count. A rejection
-/// keeps its payload, up to the 1 MiB packet limit: without this a flood of large malformed
-/// payloads would hold `batch_size` of them in memory at once.
+/// keeps its payload, up to its broker's `max_payload`: without this a flood of large
+/// malformed payloads would hold `batch_size` of them in memory at once.
 pub const MAX_REJECTED_BYTES: usize = 8 << 20;
 
 pub struct Batcher {
@@ -95,12 +95,10 @@ impl Batcher {
                 *batch.duplicates.entry(device.clone()).or_default() += 1;
             }
         }
-        self.rejected_bytes += checked
-            .rejections
-            .iter()
-            .map(|r| r.raw.len())
-            .sum::<usize>();
-        batch.rejections.extend(checked.rejections);
+        if let Some(rejection) = checked.rejection {
+            self.rejected_bytes += rejection.raw.len();
+            batch.rejections.push(rejection);
+        }
         batch.tickets.extend(ticket);
     }
 
@@ -179,7 +177,7 @@ mod tests {
     fn only(reading: Reading) -> Checked {
         Checked {
             readings: vec![reading],
-            rejections: vec![],
+            rejection: None,
         }
     }
 
@@ -273,7 +271,7 @@ mod tests {
             &d,
             Checked {
                 readings,
-                rejections: vec![],
+                rejection: None,
             },
             None,
         );
@@ -335,14 +333,14 @@ mod tests {
         let big = Bytes::from(vec![b'x'; 1 << 20]);
         let rejected = || Checked {
             readings: vec![],
-            rejections: vec![Rejection {
-                device: Some(DeviceId::new("d")),
-                source: Arc::from("t"),
-                received_at: 0,
-                reason: RejectReason::Malformed,
-                detail: "invalid JSON".into(),
-                raw: big.clone(),
-            }],
+            rejection: Some(Rejection::whole(
+                Some(DeviceId::new("d")),
+                Arc::from("t"),
+                0,
+                RejectReason::Malformed,
+                "invalid JSON".into(),
+                big.clone(),
+            )),
         };
         for _ in 0..(MAX_REJECTED_BYTES >> 20) - 1 {
             b.push(&d, rejected(), None);

@@ -109,7 +109,7 @@ pub async fn validate(
                         .unwrap_or_else(|| DeviceId::new("")),
                     checked: Checked {
                         readings: Vec::new(),
-                        rejections: vec![rejection],
+                        rejection: Some(rejection),
                     },
                     ticket,
                 },

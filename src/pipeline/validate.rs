@@ -8,8 +8,8 @@ use std::sync::Arc;
 use crate::config::{Config, UnknownMetrics, ValidationConfig};
 use crate::decode::format_rfc3339;
 use crate::reading::{
-    DeviceId, FastMap, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason, Rejection,
-    Series, SeriesInfo, SeriesKey,
+    DeviceId, FastMap, FastSet, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason,
+    Rejection, Series, SeriesInfo, SeriesKey,
 };
 
 /// Why one value was not stored, and the sentence that says so.
@@ -17,11 +17,77 @@ type Invalid = (RejectReason, String);
 /// A metric's configured min and max.
 type Limits = (Option<f64>, Option<f64>);
 
-/// What one message became.
+/// What one message became: readings, and at most one rejection for whatever of it was
+/// not stored.
 #[derive(Debug, Default, PartialEq)]
 pub struct Checked {
     pub readings: Vec<Reading>,
-    pub rejections: Vec<Rejection>,
+    pub rejection: Option<Rejection>,
+}
+
+/// The most refused values a rejection's detail names one by one; the rest are counted by
+/// reason.
+const LISTED: usize = 8;
+
+/// The values of one message that were not stored, summed up for its one rejection.
+#[derive(Default)]
+struct Refused {
+    count: u32,
+    /// The first refused value's reason, the rejection's own.
+    first: Option<RejectReason>,
+    by_reason: Vec<(RejectReason, u32)>,
+    listed: Vec<String>,
+}
+
+impl Refused {
+    fn add(&mut self, reason: RejectReason, detail: String) {
+        self.count += 1;
+        self.first.get_or_insert(reason);
+        match self.by_reason.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.by_reason.push((reason, 1)),
+        }
+        if self.listed.len() < LISTED {
+            self.listed.push(detail);
+        }
+    }
+
+    /// One sentence for one refused value; otherwise how many of the message's `values`,
+    /// by reason, and the first few.
+    fn into_rejection(self, message: &Message, values: usize) -> Option<Rejection> {
+        let reason = self.first?;
+        let detail = if self.count == 1 {
+            self.listed.concat()
+        } else {
+            let reasons: Vec<String> = self
+                .by_reason
+                .iter()
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect();
+            let more = self.count as usize - self.listed.len();
+            let mut detail = format!(
+                "{} of {values} values not stored ({}): {}",
+                self.count,
+                reasons.join(", "),
+                self.listed.join("; ")
+            );
+            if more > 0 {
+                detail.push_str(&format!("; and {more} more"));
+            }
+            detail
+        };
+        Some(Rejection {
+            values: self.count,
+            ..Rejection::whole(
+                Some(message.device.clone()),
+                message.source.clone(),
+                message.received_at,
+                reason,
+                detail,
+                message.raw.clone(),
+            )
+        })
+    }
 }
 
 struct MetricRule {
@@ -37,9 +103,11 @@ struct MetricRule {
 struct DeviceRules {
     /// By payload field.
     metrics: FastMap<String, MetricRule>,
-    /// Metrics the config does not list that were accepted, by payload field; bounded by
-    /// `max_metrics_per_device`.
+    /// Metrics the config does not list that were accepted in this run, by payload field.
     extra: FastMap<Arc<str>, Series>,
+    /// Every metric beyond the config the device has, in the database or in `extra`:
+    /// bounded by `max_metrics_per_device`, across restarts.
+    beyond_config: FastSet<Arc<str>>,
 }
 
 pub struct Validator {
@@ -52,7 +120,10 @@ pub struct Validator {
 }
 
 impl Validator {
-    pub fn new(config: &Config) -> Self {
+    /// Rules for `config`'s devices. `stored` lists the (device, metric) series the
+    /// database already holds, so metrics beyond a device's config that earlier runs
+    /// accepted count against `max_metrics_per_device` from the start.
+    pub fn new(config: &Config, stored: &[(String, String)]) -> Self {
         let mut validator = Self {
             devices: FastMap::default(),
             limits: config.validation.clone(),
@@ -60,6 +131,13 @@ impl Validator {
             interned: HashMap::new(),
         };
         validator.reconfigure(config);
+        for (device, metric) in stored {
+            if let Some(rules) = validator.devices.get_mut(&DeviceId::new(device))
+                && !rules.metrics.values().any(|m| m.name == *metric)
+            {
+                rules.beyond_config.insert(Arc::from(metric.as_str()));
+            }
+        }
         validator
     }
 
@@ -83,42 +161,53 @@ impl Validator {
                     (m.field().to_string(), rule)
                 })
                 .collect();
-            let extra = previous
+            let (extra, beyond_config) = previous
                 .remove(&id)
-                .map(|old| old.extra)
+                .map(|old| (old.extra, old.beyond_config))
                 .unwrap_or_default();
-            self.devices.insert(id, DeviceRules { metrics, extra });
+            self.devices.insert(
+                id,
+                DeviceRules {
+                    metrics,
+                    extra,
+                    beyond_config,
+                },
+            );
         }
         self.limits = config.validation.clone();
     }
 
-    /// Checks every value of `message`.
+    /// Checks every value of `message`. The values that are not stored make one rejection
+    /// holding the message once.
     pub fn check(&mut self, message: &Message) -> Checked {
-        let mut checked = Checked::default();
-        let reject = |reason, detail: String| Rejection {
-            device: Some(message.device.clone()),
-            source: message.source.clone(),
-            received_at: message.received_at,
-            reason,
-            detail,
-            raw: message.raw.clone(),
-        };
         let raw_readings = match &message.decoded {
             Ok(readings) => readings,
             Err(err) => {
-                checked
-                    .rejections
-                    .push(reject(RejectReason::Malformed, err.to_string()));
-                return checked;
+                return Checked {
+                    readings: Vec::new(),
+                    rejection: Some(Rejection::whole(
+                        Some(message.device.clone()),
+                        message.source.clone(),
+                        message.received_at,
+                        err.reason,
+                        err.detail.clone(),
+                        message.raw.clone(),
+                    )),
+                };
             }
         };
+        let mut readings = Vec::with_capacity(raw_readings.len());
+        let mut refused = Refused::default();
         for raw in raw_readings {
             match self.check_one(&message.device, message.received_at, raw) {
-                Ok(reading) => checked.readings.push(reading),
-                Err((reason, detail)) => checked.rejections.push(reject(reason, detail)),
+                Ok(reading) => readings.push(reading),
+                Err((reason, detail)) => refused.add(reason, detail),
             }
         }
-        checked
+        Checked {
+            readings,
+            rejection: refused.into_rejection(message, raw_readings.len()),
+        }
     }
 
     /// The series `raw` belongs to, with its configured limits; interns a metric the config
@@ -155,15 +244,19 @@ impl Validator {
                 ),
             ));
         }
-        if rules.extra.len() >= self.limits.max_metrics_per_device {
-            return Err((
-                RejectReason::UnknownMetric,
-                format!(
-                    "metric `{}`: device `{device}` already sends {} metrics its config does \
-                     not list (validation.max_metrics_per_device)",
-                    raw.field, self.limits.max_metrics_per_device
-                ),
-            ));
+        if !rules.beyond_config.contains(&*raw.field) {
+            if rules.beyond_config.len() >= self.limits.max_metrics_per_device {
+                return Err((
+                    RejectReason::TooManyMetrics,
+                    format!(
+                        "metric `{}`: device `{device}` already has {} metrics its config does \
+                         not list (validation.max_metrics_per_device)",
+                        raw.field,
+                        rules.beyond_config.len()
+                    ),
+                ));
+            }
+            rules.beyond_config.insert(raw.field.clone());
         }
         let series = intern(interned, stamps, device, &raw.field, raw.unit.as_deref());
         rules.extra.insert(raw.field.clone(), series.clone());
@@ -298,7 +391,10 @@ mod tests {
             max = 100
             "#
         );
-        Validator::new(&crate::config::parse(&text, "t.toml".as_ref()).unwrap())
+        Validator::new(
+            &crate::config::parse(&text, "t.toml".as_ref()).unwrap(),
+            &[],
+        )
     }
 
     fn message(readings: Vec<RawReading>) -> Message {
@@ -324,7 +420,7 @@ mod tests {
     #[test]
     fn maps_fields_to_metric_names_and_units() {
         let out = validator("").check(&message(vec![raw("hum", 40.0, Some(NOW - 10))]));
-        assert_eq!(out.rejections, vec![]);
+        assert_eq!(out.rejection, None);
         let r = &out.readings[0];
         assert_eq!(
             (r.series.metric(), r.series.unit(), r.value, r.time),
@@ -337,9 +433,11 @@ mod tests {
     fn rejects_humidity_above_100_percent() {
         let out = validator("").check(&message(vec![raw("hum", 101.0, None)]));
         assert!(out.readings.is_empty());
-        assert_eq!(out.rejections[0].reason, RejectReason::OutOfRange);
-        assert_eq!(out.rejections[0].detail, "humidity = 101 is above max 100");
-        assert_eq!(&*out.rejections[0].raw, b"{}");
+        let rejection = out.rejection.unwrap();
+        assert_eq!(rejection.reason, RejectReason::OutOfRange);
+        assert_eq!(rejection.detail, "humidity = 101 is above max 100");
+        assert_eq!(&*rejection.raw, b"{}");
+        assert_eq!((rejection.values, rejection.size), (1, 2));
     }
 
     #[test]
@@ -348,11 +446,15 @@ mod tests {
             raw("hum", f64::NAN, None),
             raw("x", f64::INFINITY, None),
         ]));
-        assert_eq!(out.rejections.len(), 2);
+        let rejection = out.rejection.unwrap();
+        assert_eq!(rejection.values, 2);
+        assert_eq!(rejection.reason, RejectReason::NotFinite);
         assert!(
-            out.rejections
-                .iter()
-                .all(|r| r.reason == RejectReason::NotFinite)
+            rejection
+                .detail
+                .starts_with("2 of 2 values not stored (not_finite 2): humidity = NaN"),
+            "{}",
+            rejection.detail
         );
     }
 
@@ -363,16 +465,51 @@ mod tests {
             raw("hum2", f64::NAN, None),
         ]));
         assert_eq!(out.readings.len(), 1);
-        assert_eq!(out.rejections.len(), 1);
+        assert_eq!(out.rejection.unwrap().values, 1);
+    }
+
+    /// However many values a message has refused, it costs one rejection holding its raw
+    /// bytes once, and a detail of bounded length.
+    #[test]
+    fn a_message_of_many_refused_values_is_one_rejection() {
+        let mut v = validator("");
+        let mut msg = message(
+            (0..2000)
+                .map(|i| raw("hum", 1000.0 + f64::from(i), None))
+                .chain([raw("hum", f64::NAN, None), raw("hum", 50.0, None)])
+                .collect(),
+        );
+        msg.raw = crate::reading::Bytes::from(vec![b'x'; 32_000]);
+        let out = v.check(&msg);
+        assert_eq!(out.readings.len(), 1);
+        let rejection = out.rejection.unwrap();
+        assert_eq!(rejection.reason, RejectReason::OutOfRange);
+        assert_eq!(rejection.values, 2001);
+        assert_eq!(rejection.raw.len(), 32_000);
+        assert!(rejection.detail.len() < 1024, "{}", rejection.detail);
+        assert!(
+            rejection.detail.starts_with(
+                "2001 of 2002 values not stored (out_of_range 2000, not_finite 1): \
+                 humidity = 1000 is above max 100; humidity = 1001"
+            ),
+            "{}",
+            rejection.detail
+        );
+        assert!(
+            rejection.detail.ends_with("; and 1993 more"),
+            "{}",
+            rejection.detail
+        );
     }
 
     #[test]
     fn stores_malformed_payloads_as_rejections() {
         let mut msg = message(vec![]);
-        msg.decoded = Err(DecodeError("invalid JSON: eof".into()));
+        msg.decoded = Err(DecodeError::malformed("invalid JSON: eof"));
         let out = validator("").check(&msg);
-        assert_eq!(out.rejections[0].reason, RejectReason::Malformed);
-        assert_eq!(out.rejections[0].detail, "invalid JSON: eof");
+        let rejection = out.rejection.unwrap();
+        assert_eq!(rejection.reason, RejectReason::Malformed);
+        assert_eq!(rejection.detail, "invalid JSON: eof");
     }
 
     #[test]
@@ -381,7 +518,10 @@ mod tests {
         assert_eq!(stored.readings[0].series.metric(), "co2");
         let rejected = validator("unknown_metrics = \"reject\"")
             .check(&message(vec![raw("co2", 400.0, None)]));
-        assert_eq!(rejected.rejections[0].reason, RejectReason::UnknownMetric);
+        assert_eq!(
+            rejected.rejection.unwrap().reason,
+            RejectReason::UnknownMetric
+        );
     }
 
     #[test]
@@ -396,13 +536,50 @@ mod tests {
         ]));
         let names: Vec<&str> = out.readings.iter().map(|r| r.series.metric()).collect();
         assert_eq!(names, vec!["a", "b", "a", "humidity"]);
-        assert_eq!(out.rejections.len(), 1);
-        assert_eq!(out.rejections[0].reason, RejectReason::UnknownMetric);
+        let rejection = out.rejection.unwrap();
+        assert_eq!(rejection.reason, RejectReason::TooManyMetrics);
         assert!(
-            out.rejections[0].detail.contains("max_metrics_per_device"),
+            rejection.detail.contains("max_metrics_per_device"),
             "{}",
-            out.rejections[0].detail
+            rejection.detail
         );
+    }
+
+    /// The cap counts the metrics beyond the config that the database already holds, so a
+    /// crash loop cannot add another batch of series with every start.
+    #[test]
+    fn the_metric_cap_counts_what_earlier_runs_stored() {
+        let text = r#"
+            [validation]
+            max_metrics_per_device = 2
+            [[brokers]]
+            url = "mqtt://localhost"
+            [[devices]]
+            kind = "mqtt"
+            id = "bay3"
+            topic = "bay3"
+            format = "json"
+            [[devices.metrics]]
+            name = "humidity"
+            field = "hum"
+            "#;
+        let config = crate::config::parse(text, "t.toml".as_ref()).unwrap();
+        let stored = [
+            ("bay3".to_string(), "humidity".to_string()),
+            ("bay3".to_string(), "a".to_string()),
+            ("bay3".to_string(), "b".to_string()),
+            ("other".to_string(), "c".to_string()),
+        ];
+        let mut v = Validator::new(&config, &stored);
+        let out = v.check(&message(vec![
+            raw("a", 1.0, None),
+            raw("b", 1.0, None),
+            raw("c", 1.0, None),
+            raw("hum", 1.0, None),
+        ]));
+        let names: Vec<&str> = out.readings.iter().map(|r| r.series.metric()).collect();
+        assert_eq!(names, vec!["a", "b", "humidity"]);
+        assert_eq!(out.rejection.unwrap().reason, RejectReason::TooManyMetrics);
     }
 
     #[test]
@@ -417,17 +594,14 @@ mod tests {
         assert_eq!(out.readings.len(), 2);
         assert!(out.readings[0].flags.has(ReadingFlags::SKEWED));
         assert!(!out.readings[1].flags.has(ReadingFlags::SKEWED));
+        let rejection = out.rejection.unwrap();
+        assert_eq!(rejection.reason, RejectReason::BadTimestamp);
+        assert_eq!(rejection.values, 2);
         assert!(
-            out.rejections
-                .iter()
-                .all(|r| r.reason == RejectReason::BadTimestamp)
-        );
-        assert!(
-            out.rejections[0]
-                .detail
-                .contains("ahead of the gateway clock"),
+            rejection.detail.contains("ahead of the gateway clock")
+                && rejection.detail.contains("older than max_past"),
             "{}",
-            out.rejections[0].detail
+            rejection.detail
         );
     }
 
@@ -467,7 +641,7 @@ mod tests {
             "an unchanged metric keeps its series"
         );
         assert_eq!(
-            after.rejections[0].reason,
+            after.rejection.unwrap().reason,
             RejectReason::OutOfRange,
             "the new max applies"
         );

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Serialize;
@@ -17,13 +17,13 @@ use super::body::{for_each_row, stream_json};
 use super::http::{ApiError, Shared};
 use super::params;
 use super::rows::{BucketWriter, RowFormat, RowWriter, TimeFormat};
-use crate::reading::{Millis, now_millis};
+use crate::reading::{Millis, REJECT_REASONS, now_millis};
 use crate::storage::read::{self, Cursor, DeviceRow, LastValue, Range, RejectionRow, SeriesQuery};
 use crate::telemetry::HEARTBEAT_INTERVAL;
 
 /// Rows a query returns when it names no `limit`.
 const DEFAULT_LIMIT: u32 = 1000;
-/// Rejections keep whole payloads, so fewer of them fit one answer.
+/// The most rejections one answer lists; each carries a bounded preview of its bytes.
 const MAX_REJECTIONS: u32 = 1000;
 
 /// A request's query parameters, checked against the names an endpoint accepts.
@@ -302,38 +302,60 @@ pub(super) async fn rollups(
 
 #[derive(Serialize)]
 struct RejectionJson {
+    id: i64,
     received_at: Millis,
     device: Option<String>,
     source: String,
     reason: String,
     detail: String,
-    /// The payload as text when it is UTF-8, else base64.
-    raw: String,
+    /// How many values the rejection stands for (1 for an input refused whole).
+    values: i64,
+    /// The input's size in bytes.
+    size: i64,
+    /// The bytes kept: the whole input, or its first bytes when it was too large.
+    stored: i64,
+    /// The first stored bytes as text when they are UTF-8, else base64; the rest at
+    /// `/api/v1/rejections/{id}/raw`.
+    raw_preview: String,
     raw_encoding: &'static str,
+    /// The preview stops short of the stored bytes.
+    preview_truncated: bool,
 }
 
 impl From<RejectionRow> for RejectionJson {
     fn from(r: RejectionRow) -> Self {
-        let (raw, raw_encoding) = match String::from_utf8(r.raw) {
-            Ok(text) => (text, "utf8"),
-            Err(err) => (
-                base64::engine::general_purpose::STANDARD.encode(err.as_bytes()),
+        let preview_truncated = (r.preview.len() as i64) < r.stored;
+        let (raw_preview, raw_encoding) = match std::str::from_utf8(&r.preview) {
+            Ok(text) => (text.to_string(), "utf8"),
+            // Text cut short in the middle of a character is still text.
+            Err(err) if err.error_len().is_none() && preview_truncated => (
+                String::from_utf8_lossy(&r.preview[..err.valid_up_to()]).into_owned(),
+                "utf8",
+            ),
+            Err(_) => (
+                base64::engine::general_purpose::STANDARD.encode(&r.preview),
                 "base64",
             ),
         };
         Self {
+            id: r.id,
             received_at: r.received_at,
             device: r.device,
             source: r.source,
             reason: r.reason,
             detail: r.detail,
-            raw,
+            values: r.values,
+            size: r.size,
+            stored: r.stored,
+            raw_preview,
             raw_encoding,
+            preview_truncated,
         }
     }
 }
 
-/// `/api/v1/rejections`: what was not stored as readings and why, newest first.
+/// `/api/v1/rejections`: what was not stored as readings and why, newest first, each with
+/// the first bytes of what was received.
 pub(super) async fn rejections(
     State(api): Shared,
     RawQuery(raw): RawQuery,
@@ -347,10 +369,35 @@ pub(super) async fn rejections(
     if let Some(device) = device {
         api.store.device(device).await?;
     }
-    let rows = api
-        .store
-        .rejections(device, params.get("reason"), range)
-        .await?;
+    let reason = params.get("reason");
+    if let Some(reason) = reason
+        && !REJECT_REASONS.iter().any(|r| r.as_str() == reason)
+    {
+        let known: Vec<&str> = REJECT_REASONS.iter().map(|r| r.as_str()).collect();
+        return Err(ApiError::bad(
+            "reason",
+            format!("`reason` = `{reason}` is not one of {}", known.join(", ")),
+        ));
+    }
+    let rows = api.store.rejections(device, reason, range).await?;
     let rows: Vec<RejectionJson> = rows.into_iter().map(RejectionJson::from).collect();
     Ok(axum::Json(serde_json::json!({ "rejections": rows })).into_response())
+}
+
+/// `/api/v1/rejections/{id}/raw`: the bytes a rejection kept, as received.
+pub(super) async fn rejection_raw(
+    State(api): Shared,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(raw, &[])?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad("id", format!("rejection id `{id}` is not a number")))?;
+    match api.store.rejection_raw(id).await? {
+        Some(bytes) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+        }
+        None => Err(ApiError::NotFound(format!("no rejection {id}"))),
+    }
 }

@@ -7,7 +7,9 @@
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::header;
@@ -19,6 +21,8 @@ use super::rows::json_string;
 use crate::storage::StorageError;
 use crate::storage::read::{self, Cursor, SeriesQuery, SeriesRow};
 
+/// Chunks (of up to 64 KiB) waiting for the client.
+const CHUNKS_IN_FLIGHT: usize = 4;
 /// Rows per batch handed from the reading thread to the formatting one.
 const BATCH_ROWS: usize = 1024;
 /// Batches in flight between the two threads.
@@ -61,37 +65,58 @@ where
     api.store
         .run(move |conn| read::series_of(conn, &device, metric.as_deref()))
         .await?;
-    let (chunks, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let (chunks, body) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
+    // Set once the page's last byte is handed over: a body that ends without it is cut
+    // short (the query failed, or the client stalled), and ends with an error, so the
+    // client cannot take a truncated page for a whole one.
+    let complete = Arc::new(AtomicBool::new(false));
     let store = api.store.clone();
-    tokio::spawn(async move {
-        let failed = chunks.clone();
+    let sink = ChunkSink::new(chunks, api.send_timeout);
+    let done = complete.clone();
+    api.tasks.spawn(async move {
         let outcome = store
             .run(move |conn| {
-                let mut sink = ChunkSink(chunks);
+                let mut sink = sink;
                 let head = format!("{{\"device\":{},\"rows\":", json_string(&query.device));
                 if sink.write_all(head.as_bytes()).is_err() {
                     return Ok(());
                 }
                 let (next, sink) = read_and_format(conn, &query, read, format, sink);
                 let next = next?;
-                // The sink fails only when the client went away: it needs no end.
-                if let Ok(mut sink) = sink {
-                    let next = next.map_or("null".into(), |c| json_string(&c.to_string()));
-                    let _ = sink.write_all(format!(",\"next_cursor\":{next}}}").as_bytes());
+                match sink {
+                    Ok(mut sink) => {
+                        let next = next.map_or("null".into(), |c| json_string(&c.to_string()));
+                        let end = format!(",\"next_cursor\":{next}}}");
+                        if sink.write_all(end.as_bytes()).is_ok() {
+                            done.store(true, Ordering::Release);
+                        }
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+                        tracing::info!(error = %err, "Response cut off; its query stopped");
+                    }
+                    // The client went away.
+                    Err(_) => {}
                 }
                 Ok(())
             })
             .await;
         if let Err(err) = outcome {
             tracing::warn!(error = %err, "Streamed query failed; response cut short");
-            let _ = failed
-                .send(Err(std::io::Error::other(err.to_string())))
-                .await;
         }
     });
-    let stream = futures_util::stream::unfold(body, |mut body| async move {
-        body.recv().await.map(|chunk| (chunk, body))
-    });
+    let stream =
+        futures_util::stream::unfold((body, Some(complete)), |(mut body, complete)| async move {
+            match body.recv().await {
+                Some(chunk) => Some((Ok(chunk), (body, complete))),
+                None => {
+                    let whole = complete.as_ref()?.load(Ordering::Acquire);
+                    (!whole).then(|| {
+                        let cut = std::io::Error::other("the page was cut short");
+                        (Err(cut), (body, None))
+                    })
+                }
+            }
+        });
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         Body::from_stream(stream),
@@ -203,16 +228,48 @@ impl<T> Batcher<T> {
     }
 }
 
-/// A response body fed from a blocking thread: every write goes out as one chunk; a client
-/// that went away fails the write, which stops the query.
-pub(super) struct ChunkSink(mpsc::Sender<Result<Bytes, std::io::Error>>);
+/// A response body fed from a blocking thread: every write goes out as one chunk. A client
+/// that went away, or that has taken nothing for the send timeout while the chunks in
+/// flight wait, fails the write, which stops the query and releases its read snapshot.
+pub(super) struct ChunkSink {
+    chunks: mpsc::Sender<Bytes>,
+    runtime: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+impl ChunkSink {
+    /// Made on the runtime, used on a blocking thread.
+    fn new(chunks: mpsc::Sender<Bytes>, timeout: Duration) -> Self {
+        Self {
+            chunks,
+            runtime: tokio::runtime::Handle::current(),
+            timeout,
+        }
+    }
+}
 
 impl Write for ChunkSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
-        Ok(buf.len())
+        let send = self.chunks.send(Bytes::copy_from_slice(buf));
+        // The timer is made inside `block_on`, on the runtime: the formatting thread is not.
+        let timeout = self.timeout;
+        match self
+            .runtime
+            .block_on(async move { tokio::time::timeout(timeout, send).await })
+        {
+            Ok(Ok(())) => Ok(buf.len()),
+            Ok(Err(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "client went away",
+            )),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client took no data for {:?} (http.send_timeout)",
+                    self.timeout
+                ),
+            )),
+        }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -235,7 +292,18 @@ mod tests {
     }
 
     fn sink() -> ChunkSink {
-        ChunkSink(mpsc::channel(1).0)
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let runtime = RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime")
+        });
+        ChunkSink {
+            chunks: mpsc::channel(1).0,
+            runtime: runtime.handle().clone(),
+            timeout: Duration::from_secs(1),
+        }
     }
 
     fn query() -> SeriesQuery {
@@ -305,6 +373,29 @@ mod tests {
             )
         }));
         assert!(outcome.is_err(), "the panic must reach the caller");
+        Ok(())
+    }
+
+    /// Writes come from blocking and scoped threads, outside the runtime.
+    #[test]
+    fn a_sink_nobody_reads_fails_at_its_timeout_on_any_thread() -> TestResult {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()?;
+        let (chunks, _unread) = mpsc::channel(1);
+        let mut sink = ChunkSink {
+            chunks,
+            runtime: runtime.handle().clone(),
+            timeout: Duration::from_millis(200),
+        };
+        let kind = std::thread::spawn(move || {
+            sink.write_all(b"fits").map_err(|e| e.kind())?;
+            sink.write_all(b"waits").map_err(|e| e.kind())
+        })
+        .join()
+        .map_err(|_| "the writing thread panicked")?;
+        assert_eq!(kind, Err(std::io::ErrorKind::TimedOut));
         Ok(())
     }
 

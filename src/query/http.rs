@@ -18,7 +18,9 @@ use axum::routing::{MethodRouter, get};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::serve::{self, Limits};
 use super::{api, dashboard, metrics, stream};
 use crate::config::{HttpConfig, Secret};
 use crate::reading::LiveBatch;
@@ -46,6 +48,10 @@ pub(super) struct Api {
     pub max_rows: u32,
     /// Ends the live streams when the gateway stops.
     pub stop: CancellationToken,
+    /// How long a client may take no bytes of a response.
+    pub send_timeout: std::time::Duration,
+    /// The queries feeding streamed responses.
+    pub tasks: TaskTracker,
     token: Option<Secret>,
 }
 
@@ -56,6 +62,7 @@ pub struct HttpServer {
     listener: tokio::net::TcpListener,
     address: SocketAddr,
     api: Arc<Api>,
+    limits: Limits,
 }
 
 impl HttpServer {
@@ -83,12 +90,19 @@ impl HttpServer {
             live,
             max_rows: config.max_rows,
             stop: CancellationToken::new(),
+            send_timeout: config.send_timeout,
+            tasks: TaskTracker::new(),
             token: config.token.clone(),
         });
         Ok(Self {
             listener,
             address,
             api,
+            limits: Limits {
+                max_connections: config.max_connections,
+                header_timeout: config.header_timeout,
+                send_timeout: config.send_timeout,
+            },
         })
     }
 
@@ -96,21 +110,27 @@ impl HttpServer {
         self.address
     }
 
-    /// Serves until `stop`; open live streams end then too.
+    /// Serves until `stop`; open live streams end then too, and requests in flight have
+    /// two seconds to finish.
     pub async fn serve(self, stop: CancellationToken) {
         tracing::info!(address = %self.address, "HTTP API listening");
-        let api = self.api.clone();
+        let streams = self.api.stop.clone();
+        let queries = self.api.tasks.clone();
         let router = router(self.api);
-        let shutdown = async move {
-            stop.cancelled().await;
-            api.stop.cancel();
+        let end_streams = {
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                streams.cancel();
+            }
         };
-        if let Err(err) = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %err, "HTTP API stopped");
-        }
+        tokio::join!(
+            end_streams,
+            serve::serve(self.listener, router, self.limits, stop)
+        );
+        // Their connections are closed: each query stops at its next write.
+        queries.close();
+        queries.wait().await;
     }
 }
 
@@ -142,6 +162,11 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<Arc<Api>>)> {
         ),
         ("/api/v1/devices/{device}/rollups", Token, get(api::rollups)),
         ("/api/v1/rejections", Token, get(api::rejections)),
+        (
+            "/api/v1/rejections/{id}/raw",
+            Token,
+            get(api::rejection_raw),
+        ),
         ("/api/v1/stream", Token, get(stream::stream)),
     ]
 }
@@ -161,12 +186,56 @@ fn router(api: Arc<Api>) -> Router {
         }
     }
     let protected = protected.route_layer(middleware::from_fn_with_state(api.clone(), authorize));
-    public
+    let open = api.token.is_none();
+    let router = public
         .merge(protected)
         .fallback(|| async {
             ApiError::NotFound("no such endpoint; see /api/v1/openapi.json".into())
         })
-        .with_state(api)
+        .with_state(api);
+    // Without a token the API listens on loopback only, where a web page the operator's
+    // browser opens could still reach it through a name of its own that resolves to
+    // 127.0.0.1 (DNS rebinding): such requests carry that name as their Host.
+    if open {
+        router.layer(middleware::from_fn(loopback_host))
+    } else {
+        router
+    }
+}
+
+/// Lets a request through when its `Host` names this machine's loopback (or is absent, as
+/// from HTTP/1.0 clients, which no browser is).
+async fn loopback_host(request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or_default());
+    match host {
+        Some(host) if !is_loopback_host(host) => ApiError::Forbidden(format!(
+            "Host `{}` is not a loopback name; without http.token the API answers only to \
+             localhost, 127.0.0.1 and [::1]",
+            host.chars().take(100).collect::<String>()
+        ))
+        .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// `localhost` (or a name under it), or a loopback address, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((address, port)) if port.is_empty() || port.starts_with(':') => address,
+            _ => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -178,12 +247,14 @@ async fn authorize(State(api): Shared, request: Request, next: Next) -> Response
     let Some(token) = &api.token else {
         return next.run(request).await;
     };
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     if same(presented.as_bytes(), token.expose().as_bytes()) {
         next.run(request).await
     } else {
@@ -205,10 +276,16 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// An API error as JSON: `{"error": "...", "parameter": "..."}`.
 #[derive(Debug)]
 pub(super) enum ApiError {
-    BadParameter { parameter: String, message: String },
+    BadParameter {
+        parameter: String,
+        message: String,
+    },
     NotFound(String),
     Unauthorized,
-    Internal(String),
+    Forbidden(String),
+    /// A failure of the gateway's own; what failed is logged, never sent (database errors
+    /// name files).
+    Internal,
 }
 
 impl ApiError {
@@ -227,7 +304,7 @@ impl From<StorageError> for ApiError {
             StorageError::BadCursor(_) => Self::bad("cursor", err.to_string()),
             other => {
                 tracing::warn!(error = %other, "API query failed");
-                Self::Internal(other.to_string())
+                Self::Internal
             }
         }
     }
@@ -254,7 +331,12 @@ impl IntoResponse for ApiError {
                 "missing or wrong bearer token: send `Authorization: Bearer <token>`",
                 None,
             ),
-            Self::Internal(message) => (StatusCode::INTERNAL_SERVER_ERROR, message.as_str(), None),
+            Self::Forbidden(message) => (StatusCode::FORBIDDEN, message.as_str(), None),
+            Self::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the query failed; the gateway's log says why",
+                None,
+            ),
         };
         let mut response = (status, axum::Json(ErrorBody { error, parameter })).into_response();
         if matches!(self, Self::Unauthorized) {
@@ -277,6 +359,47 @@ mod tests {
         assert!(!same(b"0123456789abcdef", b"0123456789abcde"));
         assert!(!same(b"", b"x"));
         assert!(same(b"", b""));
+    }
+
+    #[tokio::test]
+    async fn an_internal_error_names_nothing_of_the_gateway() {
+        let err = StorageError::NotSensorgate("/var/lib/sensorgate/secret-name.db".into());
+        let response = ApiError::from(err).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .expect("a small body");
+        let text = String::from_utf8_lossy(&body);
+        assert!(!text.contains("secret-name"), "{text}");
+        assert!(text.contains("log"), "{text}");
+    }
+
+    #[test]
+    fn only_loopback_names_pass_without_a_token() {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST.",
+            "dash.localhost:1",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.1.2.3:80",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[::1]x",
+            "[2001:db8::1]:80",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 
     #[test]

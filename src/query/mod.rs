@@ -5,7 +5,8 @@
 //! - [`table`]: tables, CSV and JSON for `sensorgate devices | query`.
 //! - [`rows`]: readings as CSV, NDJSON or JSON rows, for the CLI, exports and the API.
 //! - [`export`]: `sensorgate export`, CSV or NDJSON, page by page.
-//! - [`http`]: the axum server: routes, bearer token, errors; [`api`] (JSON endpoints, their
+//! - [`http`]: the axum router: routes, bearer token, loopback `Host`, errors; [`serve`]
+//!   (connections: a cap, header and send timeouts); [`api`] (JSON endpoints, their
 //!   pages of rows streamed by [`body`]),
 //!   [`stream`] (Server-Sent Events), [`metrics`] (Prometheus), [`dashboard`] (the page).
 //! - [`params`]: times, durations and windows as the CLI and the API both accept them.
@@ -18,6 +19,7 @@ pub mod http;
 pub mod metrics;
 pub mod params;
 pub mod rows;
+mod serve;
 mod stream;
 mod table;
 

@@ -23,7 +23,7 @@ use crate::config::{
     BrokerConfig, Config, DeviceConfig, FormatOptions, MetricConfig, ModbusDeviceConfig,
     MqttDeviceConfig, Overflow, PipelineConfig, SerialDeviceConfig, SerialPortConfig,
 };
-use crate::decode::Decoder;
+use crate::decode::{DecodeLimits, Decoder};
 use crate::reading::{DeviceId, Message, SourceEvent};
 use crate::telemetry::{SourceCounters, Telemetry};
 
@@ -87,6 +87,8 @@ pub struct SourceContext {
     pub tracker: TaskTracker,
     /// The gateway's stop; each unit's own cancellation is a child of it.
     pub shutdown: CancellationToken,
+    /// What one payload or line may decode to; a reload changes it for every decoder.
+    pub limits: Arc<DecodeLimits>,
 }
 
 /// A device task (or group of tasks) that can be stopped on its own.
@@ -169,6 +171,7 @@ impl Sources {
     /// broker sessions keep running untouched.
     pub async fn apply(&mut self, old: &Config, new: &Config) -> SourceChanges {
         let mut changes = SourceChanges::default();
+        self.ctx.limits.update(&new.validation);
 
         // Brokers: removed or changed sessions stop with their devices; the others only
         // learn their new device list.
@@ -332,7 +335,7 @@ impl Sources {
             tracing::error!(device = %id, port = %line.port, "Serial port not defined; device not started");
             return None;
         };
-        let decoder = decoder_for(&id, &line.format_options(), &line.metrics)?;
+        let decoder = decoder_for(&id, &line.format_options(), &line.metrics, &self.ctx.limits)?;
         let ctx = &self.ctx;
         let outlet = Outlet::new(
             ctx.events.clone(),
@@ -465,9 +468,10 @@ fn decoder_for(
     device: &DeviceId,
     options: &FormatOptions<'_>,
     metrics: &[MetricConfig],
+    limits: &Arc<DecodeLimits>,
 ) -> Option<Decoder> {
     let fields = metrics.iter().map(|m| m.field().to_string()).collect();
-    match Decoder::new(options, fields) {
+    match Decoder::new(options, fields, limits.clone()) {
         Ok(decoder) => Some(decoder),
         Err(err) => {
             tracing::error!(device = %device, error = %err, "Device pattern unusable; device not started");

@@ -375,7 +375,8 @@ impl SlaveDevice {
             };
             outcome.answered = true;
             let received_at = now_millis();
-            let decoded = decode_block(&self.config.registers, block, &answer).map_err(DecodeError);
+            let decoded = decode_block(&self.config.registers, block, &answer)
+                .map_err(DecodeError::malformed);
             let message = Message {
                 device: status.device().clone(),
                 source: self.source.clone(),

@@ -130,17 +130,17 @@ impl LineDevice {
                 status.outlet().send(message).await
             }
             Frame::TooLong(head) => {
-                let rejection = Rejection {
-                    device: Some(status.device().clone()),
-                    source: source.clone(),
+                let rejection = Rejection::whole(
+                    Some(status.device().clone()),
+                    source.clone(),
                     received_at,
-                    reason: RejectReason::TooLong,
-                    detail: format!(
+                    RejectReason::TooLarge,
+                    format!(
                         "line longer than max_line ({} bytes); skipped to the next terminator",
                         self.config.max_line
                     ),
-                    raw: head,
-                };
+                    head,
+                );
                 status
                     .outlet()
                     .send_event(SourceEvent::Rejected {

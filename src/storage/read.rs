@@ -121,13 +121,25 @@ pub struct RollupRow {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RejectionRow {
+    pub id: i64,
     pub received_at: Millis,
     pub device: Option<String>,
     pub source: String,
     pub reason: String,
     pub detail: String,
-    pub raw: Vec<u8>,
+    /// The first [`RAW_PREVIEW`] bytes of the stored raw bytes.
+    pub preview: Vec<u8>,
+    /// The bytes stored: the whole input, or its prefix when it was too large.
+    pub stored: i64,
+    /// The input's size.
+    pub size: i64,
+    /// How many values the row stands for.
+    pub values: i64,
 }
+
+/// How much of a rejection's raw bytes a listing carries; the rest is one request away
+/// ([`ReadStore::rejection_raw`]), so a listing costs about its rows, not their payloads.
+pub const RAW_PREVIEW: usize = 256;
 
 /// A half-open time range `[from, to)` and a row limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,6 +360,21 @@ impl ReadStore {
         let reason = reason.map(str::to_string);
         self.run(move |conn| rejections(conn, device.as_deref(), reason.as_deref(), range))
             .await
+    }
+
+    /// One rejection's stored raw bytes; `None` when there is no such rejection.
+    ///
+    /// # Errors
+    /// When the query fails.
+    pub async fn rejection_raw(&self, id: i64) -> Result<Option<Vec<u8>>, StorageError> {
+        self.run(move |conn| {
+            let raw = conn
+                .prepare_cached("SELECT raw FROM rejections WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))
+                .optional()?;
+            Ok(raw)
+        })
+        .await
     }
 }
 
@@ -628,22 +655,34 @@ pub fn rejections(
     range: Range,
 ) -> Result<Vec<RejectionRow>, StorageError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT j.received_at, d.name, j.source, j.reason, j.detail, j.raw \
+        "SELECT j.id, j.received_at, d.name, j.source, j.reason, j.detail, \
+         substr(j.raw, 1, ?6), length(j.raw), coalesce(j.size, length(j.raw)), j.value_count \
          FROM rejections j LEFT JOIN devices d ON d.id = j.device_id \
          WHERE (?1 IS NULL OR d.name = ?1) AND (?2 IS NULL OR j.reason = ?2) \
          AND j.received_at >= ?3 AND j.received_at < ?4 \
          ORDER BY j.received_at DESC, j.id DESC LIMIT ?5",
     )?;
     let rows = stmt.query_map(
-        params![device, reason, range.from, range.to, range.limit],
+        params![
+            device,
+            reason,
+            range.from,
+            range.to,
+            range.limit,
+            RAW_PREVIEW as i64
+        ],
         |r| {
             Ok(RejectionRow {
-                received_at: r.get(0)?,
-                device: r.get(1)?,
-                source: r.get(2)?,
-                reason: r.get(3)?,
-                detail: r.get(4)?,
-                raw: r.get(5)?,
+                id: r.get(0)?,
+                received_at: r.get(1)?,
+                device: r.get(2)?,
+                source: r.get(3)?,
+                reason: r.get(4)?,
+                detail: r.get(5)?,
+                preview: r.get(6)?,
+                stored: r.get(7)?,
+                size: r.get(8)?,
+                values: r.get(9)?,
             })
         },
     )?;

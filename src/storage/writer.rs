@@ -72,8 +72,9 @@ static INSERT_ARCHIVE_RETURNING: MultiRow = MultiRow::new(
      RETURNING series_id, ts",
 );
 static INSERT_REJECTIONS: MultiRow = MultiRow::new(
-    "INSERT INTO rejections (received_at, device_id, source, reason, detail, raw)",
-    6,
+    "INSERT INTO rejections (received_at, device_id, source, reason, detail, raw, size, \
+     value_count)",
+    8,
     "",
 );
 /// Merges a batch's rollup cells into the stored ones: what `RollupCell::merge` does.
@@ -183,6 +184,19 @@ impl Writer {
         writer.recent_rows = recent as u64;
         writer.register(entries).await?;
         Ok(writer)
+    }
+
+    /// Every series the database holds, as (device, metric).
+    ///
+    /// # Errors
+    /// When the database cannot be read.
+    pub async fn stored_series(&self) -> Result<Vec<(String, String)>, StorageError> {
+        let rows = sqlx::query_as(
+            "SELECT d.name, s.metric FROM series s JOIN devices d ON d.id = s.device_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
     }
 
     /// Moves recent readings into the archive once `rows` of them gather, instead of
@@ -572,10 +586,9 @@ impl Writer {
             }
         }
         for (device, n) in &batch.duplicates {
-            per_device
-                .entry(self.devices[device])
-                .or_default()
-                .duplicates += n;
+            if let Some(id) = self.devices.get(device) {
+                per_device.entry(*id).or_default().duplicates += n;
+            }
         }
         self.upsert_rollups(&mut tx, fresh.as_ref().unwrap_or(&batch.rollups))
             .await?;
@@ -588,7 +601,9 @@ impl Writer {
                         .bind(&*r.source)
                         .bind(r.reason.as_str())
                         .bind(r.detail.as_str())
-                        .bind(&*r.raw);
+                        .bind(&*r.raw)
+                        .bind(r.size as i64)
+                        .bind(i64::from(r.values));
                 })?
                 .execute(&mut *tx)
                 .await?;
@@ -596,7 +611,7 @@ impl Writer {
         for rejection in &batch.rejections {
             if let Some(id) = rejection.device.as_ref().and_then(|d| self.devices.get(d)) {
                 let delta = per_device.entry(*id).or_default();
-                delta.rejections += 1;
+                delta.rejections += u64::from(rejection.values);
                 delta.last_seen = delta.last_seen.max(rejection.received_at);
             }
         }

@@ -8,21 +8,25 @@
 //! The session polls the event loop while the pipeline is full (so keep-alives and
 //! acknowledgements still flow) until `max_unacked` messages wait; beyond that it stops
 //! reading and TCP pushes back on the broker.
+//!
+//! rumqttc reaches the broker through [`relay`], which cuts every publish over the broker's
+//! `max_payload` ([`oversize`]); the session stores those as `too_large` rejections.
+
+mod oversize;
+mod relay;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration,
-    Transport,
-};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, Transport};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::relay::Relay;
 use super::ack::AckWindow;
 use super::backoff::Backoff;
 use super::{Outlet, SourceContext};
@@ -57,6 +61,9 @@ struct Delivery {
     payload: Bytes,
     received_at: Millis,
     ticket: Option<Ticket>,
+    /// The payload's size when it was over `max_payload` and only its first bytes are
+    /// here: it goes to the pipeline as a `too_large` rejection, not to its device.
+    cut: Option<usize>,
 }
 
 struct Route {
@@ -148,7 +155,16 @@ impl BrokerUnit {
         };
         let routes = unit.spawn_devices(&devices, ctx);
         unit.devices = devices;
+        let relay = match Relay::start(&unit.config, &unit.done) {
+            Ok(relay) => relay,
+            Err(err) => {
+                tracing::error!(broker = %unit.config.id, error = %err, "Broker relay not started; session not started");
+                link_tx.send_replace(Link::Down(format!("cannot start the relay: {err}")));
+                return unit;
+            }
+        };
         let session = Session {
+            relay,
             gauges: ctx.telemetry.broker(&unit.config.id),
             broker: unit.config.clone(),
             unsent: VecDeque::new(),
@@ -172,7 +188,8 @@ impl BrokerUnit {
         let mut routes = Vec::new();
         for device in devices {
             let id = DeviceId::new(&device.id);
-            let Some(decoder) = super::decoder_for(&id, &device.format_options(), &device.metrics)
+            let Some(decoder) =
+                super::decoder_for(&id, &device.format_options(), &device.metrics, &ctx.limits)
             else {
                 continue;
             };
@@ -257,6 +274,8 @@ fn qos(level: u8) -> QoS {
 
 struct Session {
     broker: BrokerConfig,
+    /// What rumqttc connects to; it opens the broker connection (see relay.rs).
+    relay: Relay,
     /// Connection state and unacknowledged messages, for `/metrics`.
     gauges: Arc<BrokerGauges>,
     /// Acknowledgements due, written at the top of the next loop turn.
@@ -279,36 +298,15 @@ struct Session {
 
 impl Session {
     async fn run(mut self, cancel: CancellationToken) {
-        let Some(endpoint) = self.broker.address() else {
-            tracing::error!(broker = %self.broker.id, "Broker url unusable; session not started");
-            return;
-        };
         let keep_alive = self.broker.keep_alive.max(Duration::from_secs(1));
-        let mut options = MqttOptions::new(&self.broker.client_id, endpoint.host, endpoint.port);
-        if endpoint.tls {
-            let mut backoff = Backoff::new(Duration::from_millis(200), self.broker.reconnect_max);
-            loop {
-                match tls_transport(&self.broker) {
-                    Ok(transport) => {
-                        options.set_transport(transport);
-                        break;
-                    }
-                    Err(err) => {
-                        tracing::error!(broker = %self.broker.id, error = %err, "TLS files unusable");
-                        self.link.send_replace(Link::Down(err.to_string()));
-                        tokio::select! {
-                            () = tokio::time::sleep(backoff.next_delay()) => {}
-                            () = cancel.cancelled() => return,
-                        }
-                    }
-                }
-            }
-        }
+        // rumqttc connects to the relay, which opens the broker connection (see relay.rs).
+        let mut options = MqttOptions::new(&self.broker.client_id, self.relay.path(), 0);
         options
+            .set_transport(Transport::Unix)
             .set_keep_alive(keep_alive)
             .set_clean_session(false)
             .set_manual_acks(true)
-            .set_max_packet_size(1 << 20, 1 << 20);
+            .set_max_packet_size(relay::max_packet(self.broker.max_payload), 1 << 20);
         if let (Some(user), Some(pass)) = (&self.broker.username, &self.broker.password) {
             options.set_credentials(user, pass.expose());
         }
@@ -319,6 +317,9 @@ impl Session {
         let mut backoff = Backoff::new(Duration::from_millis(200), self.broker.reconnect_max);
         let mut stopping = false;
         let mut last_poll = Instant::now();
+        // What the current connection's guard cut, and the publishes it has brought so far.
+        let mut cuts = self.relay.cuts();
+        let mut publishes: u64 = 0;
         // When the last read of the socket found only a few messages, the next waits until
         // this, so more gather (see READ_PAUSE).
         let mut read_at = Instant::now();
@@ -350,6 +351,7 @@ impl Session {
                 self.generation,
                 self.events.as_ref(),
                 &mut pending,
+                self.broker.max_payload,
             );
             if stopping && pending.is_empty() {
                 self.close_inputs();
@@ -393,7 +395,7 @@ impl Session {
                         Some(command) = self.commands.recv(), if !stopping => {
                             self.command(&client, command);
                         }
-                        sent = forward(&self.routes, &self.router, self.generation, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
+                        sent = forward(&self.routes, &self.router, self.generation, self.events.as_ref(), &mut pending, self.broker.max_payload), if !pending.is_empty() => {
                             if !sent { pending.pop_front(); }
                         }
                         event = &mut poll => break Some(event),
@@ -415,7 +417,7 @@ impl Session {
                         // Subscriptions go out with the next poll: no pause before it.
                         read_at = Instant::now();
                     }
-                    sent = forward(&self.routes, &self.router, self.generation, self.events.as_ref(), &mut pending), if !pending.is_empty() => {
+                    sent = forward(&self.routes, &self.router, self.generation, self.events.as_ref(), &mut pending, self.broker.max_payload), if !pending.is_empty() => {
                         if !sent { pending.pop_front(); }
                     }
                     () = tokio::time::sleep(Duration::from_millis(200)), if stopping => {}
@@ -430,6 +432,8 @@ impl Session {
                 None => {}
                 Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                     backoff.reset();
+                    publishes = 0;
+                    cuts = self.relay.cuts();
                     lock(&self.board.window).reset();
                     self.unsent.clear();
                     self.connected = true;
@@ -465,7 +469,9 @@ impl Session {
                             read_at = Instant::now() + READ_PAUSE;
                         }
                     }
-                    self.receive(publish, read_received_at, &mut pending);
+                    let cut = cuts.take(publishes);
+                    publishes += 1;
+                    self.receive(publish, read_received_at, cut, &mut pending);
                     // The rest of this read, parsed already, is taken now rather than one
                     // loop turn each, as far as max_unacked allows.
                     let mut unacked = window_len + 1;
@@ -479,7 +485,9 @@ impl Session {
                         if let Some(Event::Incoming(Packet::Publish(publish))) =
                             eventloop.state.events.pop_front()
                         {
-                            self.receive(publish, read_received_at, &mut pending);
+                            let cut = cuts.take(publishes);
+                            publishes += 1;
+                            self.receive(publish, read_received_at, cut, &mut pending);
                             unacked += 1;
                         }
                     }
@@ -505,6 +513,8 @@ impl Session {
                         )));
                     }
                 }
+                // After the stop: left unacknowledged, the broker keeps it.
+                Some(Ok(Event::Incoming(Packet::Publish(_)))) => publishes += 1,
                 Some(Ok(_)) => {}
                 Some(Err(err)) => {
                     // The broker delivers everything unacknowledged again on the next
@@ -519,8 +529,11 @@ impl Session {
                     }
                     self.gauges.connected.store(false, Ordering::Relaxed);
                     let delay = backoff.next_delay();
-                    tracing::warn!(broker = %self.broker.id, error = %err, retry_in = ?delay, "Broker connection failed");
-                    self.link.send_replace(Link::Down(describe(&err)));
+                    // Why the relay could not reach the broker says more than what rumqttc
+                    // saw of it (a closed stream).
+                    let reason = self.relay.take_error().unwrap_or_else(|| describe(&err));
+                    tracing::warn!(broker = %self.broker.id, error = %reason, retry_in = ?delay, "Broker connection failed");
+                    self.link.send_replace(Link::Down(reason));
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = cancel.cancelled() => stopping = true,
@@ -530,7 +543,8 @@ impl Session {
         }
         self.close_inputs();
         self.gauges.connected.store(false, Ordering::Relaxed);
-        if client.try_disconnect().is_ok() {
+        // A poll without a connection would open one.
+        if eventloop.network.is_some() && client.try_disconnect().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while let Ok(event) = eventloop.poll().await {
                     if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
@@ -622,7 +636,15 @@ impl Session {
         self.subscribe(client, new);
     }
 
-    fn receive(&self, publish: Publish, received_at: Millis, pending: &mut VecDeque<Pending>) {
+    /// Takes a publish in: records it in the acknowledgement window and queues it for its
+    /// device; `cut` is its payload's size when the guard cut it.
+    fn receive(
+        &self,
+        publish: Publish,
+        received_at: Millis,
+        cut: Option<usize>,
+        pending: &mut VecDeque<Pending>,
+    ) {
         let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
             // Only what the acknowledgement needs; the payload travels with the delivery.
             let marker = Publish {
@@ -650,6 +672,7 @@ impl Session {
             payload,
             received_at,
             ticket,
+            cut,
         };
         pending.push_back(Pending {
             generation: self.generation,
@@ -703,36 +726,6 @@ impl Session {
         self.routes.clear();
         self.events = None;
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("cannot read {path}: {source}")]
-struct TlsFileError {
-    path: std::path::PathBuf,
-    #[source]
-    source: std::io::Error,
-}
-
-/// rustls with the CA file (and client certificate) the broker's config names.
-fn tls_transport(broker: &BrokerConfig) -> Result<Transport, TlsFileError> {
-    // Once per process; later calls find it installed.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| TlsFileError {
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    let ca = read(broker.ca_file())?;
-    let client_auth = match (&broker.client_cert, &broker.client_key) {
-        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
-        _ => None,
-    };
-    Ok(Transport::tls_with_config(TlsConfiguration::Simple {
-        ca,
-        alpn: None,
-        client_auth,
-    }))
 }
 
 /// A delivery waiting for its device's inbox, routed when it arrived.
@@ -807,11 +800,11 @@ fn next_step(
     }
 }
 
-/// Where a delivery goes: its device's inbox or, when no device claims its topic, the
-/// pipeline, as a rejection.
+/// Where a delivery goes: its device's inbox or, when no device claims its topic or its
+/// payload was cut, the pipeline, as a rejection of the device if there is one.
 enum Target<'a> {
     Inbox(&'a mpsc::Sender<Delivery>),
-    Pipeline(&'a mpsc::Sender<SourceEvent>),
+    Pipeline(&'a mpsc::Sender<SourceEvent>, Option<&'a DeviceId>),
 }
 
 /// The front delivery's receiver; None when it is gone. A delivery routed before the routes
@@ -827,21 +820,51 @@ fn target<'a>(
         front.route = router.find(&front.delivery.topic);
         front.generation = generation;
     }
-    match front.route {
-        Some(route) => routes.get(route).map(|r| Target::Inbox(&r.inbox)),
-        None => events.map(Target::Pipeline),
+    let route = front.route.and_then(|route| routes.get(route));
+    match (route, front.delivery.cut) {
+        (Some(route), None) => Some(Target::Inbox(&route.inbox)),
+        (Some(route), Some(_)) => {
+            events.map(|events| Target::Pipeline(events, Some(&route.device)))
+        }
+        // A delivery routed to a device that is gone is dropped (and delivered again).
+        (None, _) if front.route.is_some() => None,
+        (None, _) => events.map(|events| Target::Pipeline(events, None)),
     }
 }
 
-fn unrouted(delivery: Delivery) -> SourceEvent {
-    let rejection = Rejection {
-        device: None,
-        detail: format!("no device is configured for topic `{}`", delivery.topic),
-        source: delivery.topic,
-        received_at: delivery.received_at,
-        reason: RejectReason::UnknownDevice,
-        raw: delivery.payload,
+/// A delivery stored as a rejection: its payload was cut, or no device claims its topic.
+fn rejected(delivery: Delivery, device: Option<&DeviceId>, max_payload: usize) -> SourceEvent {
+    let mut rejection = match delivery.cut {
+        Some(size) => Rejection {
+            size,
+            ..Rejection::whole(
+                device.cloned(),
+                delivery.topic.clone(),
+                delivery.received_at,
+                RejectReason::TooLarge,
+                format!(
+                    "payload of {size} bytes is larger than the broker's max_payload \
+                     ({max_payload} bytes); its first {} bytes are kept",
+                    delivery.payload.len()
+                ),
+                delivery.payload,
+            )
+        },
+        None => Rejection::whole(
+            None,
+            delivery.topic.clone(),
+            delivery.received_at,
+            RejectReason::UnknownDevice,
+            format!("no device is configured for topic `{}`", delivery.topic),
+            delivery.payload,
+        ),
     };
+    if device.is_none() && delivery.cut.is_some() {
+        rejection.detail.push_str(&format!(
+            "; no device is configured for topic `{}`",
+            rejection.source
+        ));
+    }
     SourceEvent::Rejected {
         rejection,
         ticket: delivery.ticket,
@@ -857,6 +880,7 @@ fn forward_ready(
     generation: u64,
     events: Option<&mpsc::Sender<SourceEvent>>,
     pending: &mut VecDeque<Pending>,
+    max_payload: usize,
 ) {
     use mpsc::error::TrySendError;
     while let Some(front) = pending.front_mut() {
@@ -866,9 +890,10 @@ fn forward_ready(
                     permit.send(front.delivery);
                 }
             }),
-            Some(Target::Pipeline(events)) => events.try_reserve().map(|permit| {
+            Some(Target::Pipeline(events, device)) => events.try_reserve().map(|permit| {
+                let device = device.cloned();
                 if let Some(front) = pending.pop_front() {
-                    permit.send(unrouted(front.delivery));
+                    permit.send(rejected(front.delivery, device.as_ref(), max_payload));
                 }
             }),
             None => Err(TrySendError::Closed(())),
@@ -891,6 +916,7 @@ async fn forward(
     generation: u64,
     events: Option<&mpsc::Sender<SourceEvent>>,
     pending: &mut VecDeque<Pending>,
+    max_payload: usize,
 ) -> bool {
     let Some(front) = pending.front_mut() else {
         return true;
@@ -904,12 +930,13 @@ async fn forward(
                 permit.send(front.delivery);
             }
         }
-        Some(Target::Pipeline(events)) => {
+        Some(Target::Pipeline(events, device)) => {
+            let device = device.cloned();
             let Ok(permit) = events.reserve().await else {
                 return false;
             };
             if let Some(front) = pending.pop_front() {
-                permit.send(unrouted(front.delivery));
+                permit.send(rejected(front.delivery, device.as_ref(), max_payload));
             }
         }
         None => return false,
