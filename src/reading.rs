@@ -150,7 +150,8 @@ pub enum RejectReason {
     /// The payload holds more values than `validation.max_values`.
     TooManyValues,
     /// A metric name or unit in the payload is longer than `validation.max_name_bytes`, or
-    /// its names together would take more than [`MAX_NAME_AMPLIFICATION`] times its size.
+    /// its names together would take more than [`MAX_NAME_AMPLIFICATION`] times its size
+    /// (and a small allowance).
     NameTooLong,
     /// The device already has `validation.max_metrics_per_device` metrics its config does
     /// not list, and this value would add another.
@@ -199,9 +200,10 @@ impl fmt::Display for RejectReason {
 pub const RAW_PREFIX: usize = 4096;
 
 /// Decoded metric names (and units) may take at most this many times the bytes of the
-/// payload they came from. Names are substrings of the payload except where a format
-/// joins them (JSON paths, SenML base names); real devices stay well under 2, while a
-/// long base name shared by thousands of short records would otherwise multiply.
+/// payload they came from, plus a small allowance (`decode::names_allowed`). Names are
+/// substrings of the payload except where a format joins them (JSON paths, SenML base
+/// names); real devices stay well under 2, while a long base name shared by thousands of
+/// short records would otherwise multiply.
 pub const MAX_NAME_AMPLIFICATION: usize = 4;
 
 /// One message (or line, or frame) kept with the reason it was not stored as readings,
@@ -219,7 +221,8 @@ pub struct Rejection {
     pub detail: String,
     /// The input as received, or its first [`RAW_PREFIX`] bytes when it was too large.
     pub raw: Bytes,
-    /// The input's size in bytes: `raw.len()` unless only a prefix was kept.
+    /// The input's size in bytes: `raw.len()` unless only a prefix was kept. A serial line
+    /// over `max_line` is skipped without being counted: its size is what was kept.
     pub size: usize,
     /// How many values were not stored; 1 for an input refused whole.
     pub values: u32,

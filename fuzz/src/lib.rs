@@ -57,7 +57,7 @@ pub fn decoder(
 /// its own and is checked by its target); and an output bounded by the input: at most
 /// [`MAX_VALUES`] readings, names and units of at most [`MAX_NAME_BYTES`], and the
 /// readings' values and times (16 bytes each) with the names and units the payload made
-/// taking at most 8 times its bytes, plus 64.
+/// taking at most 8 times its bytes, plus sixteen names' worth and 64.
 pub fn check_decoded(decoder: &Decoder, payload: &[u8], decoded: &Decoded) {
     let readings = match decoded {
         Ok(readings) => readings,
@@ -93,7 +93,7 @@ pub fn check_decoded(decoder: &Decoder, payload: &[u8], decoded: &Decoded) {
     }
     let cost = 16 * readings.len() + made_bytes;
     assert!(
-        cost <= 8 * payload.len() + 64,
+        cost <= 8 * payload.len() + 16 * MAX_NAME_BYTES + 64,
         "{} bytes of input made {} readings and {made_bytes} bytes of names",
         payload.len(),
         readings.len()

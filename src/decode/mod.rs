@@ -45,11 +45,21 @@ impl DecodeLimits {
     }
 }
 
+/// The name bytes one payload may allocate: [`MAX_NAME_AMPLIFICATION`] times its size, and
+/// sixteen names' worth besides, so that a small payload with a long path above a few
+/// short keys (`{"site_north_building_3": {"floor_2": {"t1": 21.5, ...}}}`) is never
+/// refused for it.
+pub fn names_allowed(payload_len: usize, max_name_bytes: usize) -> usize {
+    payload_len
+        .saturating_mul(MAX_NAME_AMPLIFICATION)
+        .saturating_add(max_name_bytes.saturating_mul(16))
+}
+
 /// The readings of one payload as a decoder finds them, kept within the limits: at most
 /// `max_values` of them, names and units of at most `max_name_bytes` each, and names
-/// allocated for this payload (each distinct one once) of at most
-/// [`MAX_NAME_AMPLIFICATION`] times its size. A payload past a limit is refused whole as
-/// soon as the decoder gets there, so what it costs stays a small multiple of its size.
+/// allocated for this payload (each distinct one once) within [`names_allowed`]. A payload
+/// past a limit is refused whole as soon as the decoder gets there, so what it costs stays
+/// a small multiple of its size.
 pub(crate) struct Output {
     readings: Vec<RawReading>,
     max_values: usize,
@@ -62,11 +72,12 @@ pub(crate) struct Output {
 
 impl Output {
     fn new(limits: &DecodeLimits, payload_len: usize) -> Self {
+        let max_name_bytes = limits.max_name_bytes.load(Ordering::Relaxed);
         Self {
             readings: Vec::new(),
             max_values: limits.max_values.load(Ordering::Relaxed),
-            max_name_bytes: limits.max_name_bytes.load(Ordering::Relaxed),
-            name_budget: payload_len.saturating_mul(MAX_NAME_AMPLIFICATION),
+            max_name_bytes,
+            name_budget: names_allowed(payload_len, max_name_bytes),
             names: FastSet::default(),
         }
     }
@@ -142,7 +153,7 @@ impl Output {
                 RejectReason::NameTooLong,
                 format!(
                     "the payload's metric names would take more than {MAX_NAME_AMPLIFICATION} \
-                     times its own size"
+                     times its own size (and 16 names of validation.max_name_bytes)"
                 ),
             )),
         }
@@ -478,6 +489,26 @@ mod golden {
         let many = format!("[{}]", vec![r#"{"n":"t","v":1}"#; 10_001].join(","));
         let err = senml.decode(many.as_bytes(), NOW).unwrap_err();
         assert_eq!(err.reason, RejectReason::TooManyValues);
+    }
+
+    /// Nested objects join a long path to short keys; a real payload of that shape is
+    /// stored, however its names compare to its size.
+    #[test]
+    fn a_small_payload_of_long_paths_is_not_refused() {
+        let json = decoder(PayloadFormat::Json, &[], &[]);
+        let leaves: Vec<String> = (0..40).map(|i| format!("\"t{i}\":21.5")).collect();
+        let payload = format!(
+            "{{\"site_north_building_3\":{{\"floor_2_room_214\":{{{}}}}}}}",
+            leaves.join(",")
+        );
+        let readings = json.decode(payload.as_bytes(), NOW).unwrap();
+        assert_eq!(readings.len(), 40);
+        let names: usize = readings.iter().map(|r| r.field.len()).sum();
+        assert!(
+            names > 4 * payload.len(),
+            "{names} bytes of names, {} of payload",
+            payload.len()
+        );
     }
 
     #[test]

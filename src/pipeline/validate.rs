@@ -105,9 +105,6 @@ struct DeviceRules {
     metrics: FastMap<String, MetricRule>,
     /// Metrics the config does not list that were accepted in this run, by payload field.
     extra: FastMap<Arc<str>, Series>,
-    /// Every metric beyond the config the device has, in the database or in `extra`:
-    /// bounded by `max_metrics_per_device`, across restarts.
-    beyond_config: FastSet<Arc<str>>,
 }
 
 pub struct Validator {
@@ -117,6 +114,10 @@ pub struct Validator {
     last_receive_stamp: Vec<Millis>,
     /// Every series interned so far, so a reload keeps the keys of unchanged metrics.
     interned: HashMap<(DeviceId, String, Option<String>), Series>,
+    /// Per device, every metric beyond its config it has, in the database or accepted in
+    /// this run: bounded by `max_metrics_per_device`, across restarts and reloads (a
+    /// device a reload adds back finds its own).
+    beyond_config: FastMap<DeviceId, FastSet<Arc<str>>>,
 }
 
 impl Validator {
@@ -129,15 +130,16 @@ impl Validator {
             limits: config.validation.clone(),
             last_receive_stamp: Vec::new(),
             interned: HashMap::new(),
+            beyond_config: FastMap::default(),
         };
-        validator.reconfigure(config);
         for (device, metric) in stored {
-            if let Some(rules) = validator.devices.get_mut(&DeviceId::new(device))
-                && !rules.metrics.values().any(|m| m.name == *metric)
-            {
-                rules.beyond_config.insert(Arc::from(metric.as_str()));
-            }
+            validator
+                .beyond_config
+                .entry(DeviceId::new(device))
+                .or_default()
+                .insert(Arc::from(metric.as_str()));
         }
+        validator.reconfigure(config);
         validator
     }
 
@@ -161,18 +163,17 @@ impl Validator {
                     (m.field().to_string(), rule)
                 })
                 .collect();
-            let (extra, beyond_config) = previous
+            let extra = previous
                 .remove(&id)
-                .map(|old| (old.extra, old.beyond_config))
+                .map(|old| old.extra)
                 .unwrap_or_default();
-            self.devices.insert(
-                id,
-                DeviceRules {
-                    metrics,
-                    extra,
-                    beyond_config,
-                },
-            );
+            // A metric the config lists takes no place among those beyond it.
+            if let Some(beyond) = self.beyond_config.get_mut(&id) {
+                for metric in device.metrics() {
+                    beyond.remove(metric.name.as_str());
+                }
+            }
+            self.devices.insert(id, DeviceRules { metrics, extra });
         }
         self.limits = config.validation.clone();
     }
@@ -244,19 +245,20 @@ impl Validator {
                 ),
             ));
         }
-        if !rules.beyond_config.contains(&*raw.field) {
-            if rules.beyond_config.len() >= self.limits.max_metrics_per_device {
+        let beyond = self.beyond_config.entry(device.clone()).or_default();
+        if !beyond.contains(&*raw.field) {
+            if beyond.len() >= self.limits.max_metrics_per_device {
                 return Err((
                     RejectReason::TooManyMetrics,
                     format!(
                         "metric `{}`: device `{device}` already has {} metrics its config does \
                          not list (validation.max_metrics_per_device)",
                         raw.field,
-                        rules.beyond_config.len()
+                        beyond.len()
                     ),
                 ));
             }
-            rules.beyond_config.insert(raw.field.clone());
+            beyond.insert(raw.field.clone());
         }
         let series = intern(interned, stamps, device, &raw.field, raw.unit.as_deref());
         rules.extra.insert(raw.field.clone(), series.clone());
@@ -579,6 +581,19 @@ mod tests {
         ]));
         let names: Vec<&str> = out.readings.iter().map(|r| r.series.metric()).collect();
         assert_eq!(names, vec!["a", "b", "humidity"]);
+        assert_eq!(out.rejection.unwrap().reason, RejectReason::TooManyMetrics);
+
+        // A device a reload adds finds what the database holds of it.
+        let added = format!(
+            "{text}\n[[devices]]\nkind = \"mqtt\"\nid = \"other\"\ntopic = \"o\"\nformat = \"json\"\n"
+        )
+        .replace("max_metrics_per_device = 2", "max_metrics_per_device = 1");
+        v.reconfigure(&crate::config::parse(&added, "t.toml".as_ref()).unwrap());
+        let mut other = message(vec![raw("c", 1.0, None), raw("d", 1.0, None)]);
+        other.device = DeviceId::new("other");
+        let out = v.check(&other);
+        let names: Vec<&str> = out.readings.iter().map(|r| r.series.metric()).collect();
+        assert_eq!(names, vec!["c"]);
         assert_eq!(out.rejection.unwrap().reason, RejectReason::TooManyMetrics);
     }
 

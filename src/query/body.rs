@@ -231,11 +231,20 @@ impl<T> Batcher<T> {
 /// A response body fed from a blocking thread: every write goes out as one chunk. A client
 /// that went away, or that has taken nothing for the send timeout while the chunks in
 /// flight wait, fails the write, which stops the query and releases its read snapshot.
+///
+/// A page as a whole must go out within [`PAGE_TIMEOUTS`] send timeouts: a client that
+/// takes a little now and then would otherwise hold the query, its read connection (one of
+/// four) and its snapshot for as long as it likes.
 pub(super) struct ChunkSink {
     chunks: mpsc::Sender<Bytes>,
     runtime: tokio::runtime::Handle,
     timeout: Duration,
+    deadline: tokio::time::Instant,
 }
+
+/// How many send timeouts one page may take in all (a minute by default; a page of the
+/// largest size takes well under a second to a client that reads).
+const PAGE_TIMEOUTS: u32 = 6;
 
 impl ChunkSink {
     /// Made on the runtime, used on a blocking thread.
@@ -244,6 +253,7 @@ impl ChunkSink {
             chunks,
             runtime: tokio::runtime::Handle::current(),
             timeout,
+            deadline: tokio::time::Instant::now() + timeout * PAGE_TIMEOUTS,
         }
     }
 }
@@ -251,22 +261,31 @@ impl ChunkSink {
 impl Write for ChunkSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let send = self.chunks.send(Bytes::copy_from_slice(buf));
+        let stall = tokio::time::Instant::now() + self.timeout;
+        let until = stall.min(self.deadline);
         // The timer is made inside `block_on`, on the runtime: the formatting thread is not.
-        let timeout = self.timeout;
         match self
             .runtime
-            .block_on(async move { tokio::time::timeout(timeout, send).await })
+            .block_on(async move { tokio::time::timeout_at(until, send).await })
         {
             Ok(Ok(())) => Ok(buf.len()),
             Ok(Err(_)) => Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
                 "client went away",
             )),
-            Err(_) => Err(std::io::Error::new(
+            Err(_) if until == stall => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!(
                     "the client took no data for {:?} (http.send_timeout)",
                     self.timeout
+                ),
+            )),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client took longer than {:?} for the page ({PAGE_TIMEOUTS} times \
+                     http.send_timeout)",
+                    self.timeout * PAGE_TIMEOUTS
                 ),
             )),
         }
@@ -303,6 +322,7 @@ mod tests {
             chunks: mpsc::channel(1).0,
             runtime: runtime.handle().clone(),
             timeout: Duration::from_secs(1),
+            deadline: tokio::time::Instant::now() + Duration::from_secs(6),
         }
     }
 
@@ -388,6 +408,7 @@ mod tests {
             chunks,
             runtime: runtime.handle().clone(),
             timeout: Duration::from_millis(200),
+            deadline: tokio::time::Instant::now() + Duration::from_secs(60),
         };
         let kind = std::thread::spawn(move || {
             sink.write_all(b"fits").map_err(|e| e.kind())?;
@@ -396,6 +417,42 @@ mod tests {
         .join()
         .map_err(|_| "the writing thread panicked")?;
         assert_eq!(kind, Err(std::io::ErrorKind::TimedOut));
+        Ok(())
+    }
+
+    /// A client that takes a chunk now and then, never stalling for a whole send timeout,
+    /// still gets the page cut off at its deadline.
+    #[test]
+    fn a_page_taken_slowly_ends_at_its_deadline() -> TestResult {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()?;
+        let (chunks, mut taken) = mpsc::channel(1);
+        let mut sink = ChunkSink {
+            chunks,
+            runtime: runtime.handle().clone(),
+            timeout: Duration::from_millis(300),
+            deadline: tokio::time::Instant::now() + Duration::from_millis(1000),
+        };
+        runtime.spawn(async move {
+            while taken.recv().await.is_some() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let started = std::time::Instant::now();
+        let err = std::thread::spawn(move || {
+            loop {
+                if let Err(err) = sink.write_all(b"chunk") {
+                    return err;
+                }
+            }
+        })
+        .join()
+        .map_err(|_| "the writing thread panicked")?;
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("for the page"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3));
         Ok(())
     }
 

@@ -155,8 +155,11 @@ impl BrokerUnit {
         };
         let routes = unit.spawn_devices(&devices, ctx);
         unit.devices = devices;
-        let relay = match Relay::start(&unit.config, &unit.done) {
-            Ok(relay) => relay,
+        let relay = match Relay::start(&unit.config) {
+            Ok((relay, task)) => {
+                ctx.tracker.spawn(unit.done.track_future(task));
+                relay
+            }
             Err(err) => {
                 tracing::error!(broker = %unit.config.id, error = %err, "Broker relay not started; session not started");
                 link_tx.send_replace(Link::Down(format!("cannot start the relay: {err}")));

@@ -18,14 +18,18 @@ use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::reading::RAW_PREFIX;
 
-/// The PUBLISH packet type, in the high nibble of a packet's first byte.
+/// Packet types, in the high nibble of a packet's first byte.
 const PUBLISH: u8 = 3;
+const PINGREQ: u8 = 12;
+const PINGRESP: u8 = 13;
+/// A whole PINGRESP packet.
+const PINGRESP_PACKET: [u8; 2] = [PINGRESP << 4, 0];
 /// How much the guard reads from the socket at once.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -61,11 +65,56 @@ impl Cuts {
     }
 }
 
+/// A packet's fixed header as it arrives: the type byte and one to four length bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct FixedHeader {
+    bytes: [u8; 5],
+    len: usize,
+}
+
+/// What one more byte made of a fixed header.
+enum HeaderByte {
+    More,
+    /// Complete: the type byte and the remaining length.
+    Done {
+        first: u8,
+        remaining: usize,
+    },
+    /// A fifth length byte: not MQTT.
+    Broken,
+}
+
+impl FixedHeader {
+    fn push(&mut self, byte: u8) -> HeaderByte {
+        self.bytes[self.len] = byte;
+        self.len += 1;
+        if self.len == 1 || byte & 0x80 != 0 {
+            return if self.len == self.bytes.len() {
+                HeaderByte::Broken
+            } else {
+                HeaderByte::More
+            };
+        }
+        let remaining = self.bytes[1..self.len]
+            .iter()
+            .rev()
+            .fold(0usize, |n, b| (n << 7) | usize::from(b & 0x7f));
+        HeaderByte::Done {
+            first: self.bytes[0],
+            remaining,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// Where the filter is in the byte stream.
 #[derive(Debug)]
 enum State {
-    /// Reading a fixed header: the type byte and one to four length bytes.
-    Header { bytes: [u8; 5], len: usize },
+    /// Reading a fixed header.
+    Header(FixedHeader),
     /// Passing on this many more bytes of the current packet.
     Pass(usize),
     /// A PUBLISH longer than the payload limit: its topic and packet id are read before any
@@ -86,10 +135,7 @@ enum State {
 
 impl State {
     fn header() -> Self {
-        Self::Header {
-            bytes: [0; 5],
-            len: 0,
-        }
+        Self::Header(FixedHeader::default())
     }
 
     fn after(remaining: usize) -> Self {
@@ -107,6 +153,8 @@ pub(super) struct Filter {
     max_payload: usize,
     state: State,
     publishes: u64,
+    /// PINGRESPs passed on.
+    pongs: u64,
     cuts: Arc<Cuts>,
 }
 
@@ -116,8 +164,14 @@ impl Filter {
             max_payload,
             state: State::header(),
             publishes: 0,
+            pongs: 0,
             cuts,
         }
+    }
+
+    /// Dropping the rest of a cut payload: what went on so far ends at a packet boundary.
+    fn dropping(&self) -> bool {
+        matches!(self.state, State::Drop(_))
     }
 
     /// Takes every byte of `input`, appending what goes on to `out`.
@@ -130,37 +184,34 @@ impl Filter {
     /// Takes some of `input`; returns the rest.
     fn step<'a>(&mut self, input: &'a [u8], out: &mut Vec<u8>) -> &'a [u8] {
         match &mut self.state {
-            State::Header { bytes, len } => {
-                bytes[*len] = input[0];
-                *len += 1;
-                let header = &bytes[..*len];
-                if *len == 1 || header[*len - 1] & 0x80 != 0 {
-                    if *len == bytes.len() {
-                        // A fifth length byte: not MQTT.
-                        out.extend_from_slice(header);
+            State::Header(header) => {
+                let (first, remaining) = match header.push(input[0]) {
+                    HeaderByte::More => return &input[1..],
+                    HeaderByte::Broken => {
+                        out.extend_from_slice(header.bytes());
                         self.state = State::Broken;
-                    }
-                    return &input[1..];
-                }
-                let first = header[0];
-                let remaining = header[1..]
-                    .iter()
-                    .rev()
-                    .fold(0usize, |n, b| (n << 7) | usize::from(b & 0x7f));
-                if first >> 4 == PUBLISH {
-                    let ordinal = self.publishes;
-                    self.publishes += 1;
-                    if remaining > self.max_payload {
-                        self.state = State::Head {
-                            first,
-                            remaining,
-                            ordinal,
-                            head: Vec::new(),
-                        };
                         return &input[1..];
                     }
+                    HeaderByte::Done { first, remaining } => (first, remaining),
+                };
+                match first >> 4 {
+                    PUBLISH => {
+                        let ordinal = self.publishes;
+                        self.publishes += 1;
+                        if remaining > self.max_payload {
+                            self.state = State::Head {
+                                first,
+                                remaining,
+                                ordinal,
+                                head: Vec::new(),
+                            };
+                            return &input[1..];
+                        }
+                    }
+                    PINGRESP => self.pongs += 1,
+                    _ => {}
                 }
-                out.extend_from_slice(header);
+                out.extend_from_slice(header.bytes());
                 self.state = State::after(remaining);
                 &input[1..]
             }
@@ -266,8 +317,49 @@ fn write_header(out: &mut Vec<u8>, first: u8, mut remaining: usize) {
     }
 }
 
+/// Counts the PINGREQs in the bytes rumqttc writes, packet by packet.
+#[derive(Debug, Default)]
+struct Pings {
+    header: FixedHeader,
+    /// Bytes of the current packet still to come.
+    skip: usize,
+    broken: bool,
+    sent: u64,
+}
+
+impl Pings {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.broken {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            match self.header.push(bytes[0]) {
+                HeaderByte::More => {}
+                HeaderByte::Broken => self.broken = true,
+                HeaderByte::Done { first, remaining } => {
+                    if first >> 4 == PINGREQ {
+                        self.sent += 1;
+                    }
+                    self.skip = remaining;
+                    self.header = FixedHeader::default();
+                }
+            }
+            bytes = &bytes[1..];
+        }
+    }
+}
+
 /// A connection to a broker with its incoming bytes passed through a [`Filter`]; writes go
 /// straight through.
+///
+/// While the filter drops the rest of a cut payload, which over a slow link may take longer
+/// than a keep-alive, the broker's answers to rumqttc's pings wait behind it, and rumqttc
+/// would give the connection up (and get the same publish again after reconnecting). So a
+/// ping sent and not yet answered is answered here as soon as dropping starts; the broker's
+/// own answer, later, is one rumqttc takes as well.
 pub(super) struct Guarded<S> {
     inner: S,
     filter: Filter,
@@ -275,6 +367,11 @@ pub(super) struct Guarded<S> {
     /// Filtered bytes not yet read, from `at`.
     out: Vec<u8>,
     at: usize,
+    pings: Pings,
+    /// Pings answered here.
+    answered: u64,
+    /// The task waiting to read, woken when a ping is written that it may answer.
+    reader: Option<Waker>,
 }
 
 impl<S> Guarded<S> {
@@ -285,7 +382,17 @@ impl<S> Guarded<S> {
             chunk: vec![0; READ_CHUNK].into_boxed_slice(),
             out: Vec::new(),
             at: 0,
+            pings: Pings::default(),
+            answered: 0,
+            reader: None,
         }
+    }
+
+    /// Pings written and answered by neither the broker nor this guard.
+    fn unanswered(&self) -> u64 {
+        self.pings
+            .sent
+            .saturating_sub(self.filter.pongs.max(self.answered))
     }
 }
 
@@ -307,8 +414,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
+            if this.filter.dropping() && this.unanswered() > 0 {
+                for _ in 0..this.unanswered() {
+                    this.out.extend_from_slice(&PINGRESP_PACKET);
+                }
+                this.answered = this.pings.sent;
+                continue;
+            }
             let mut chunk = ReadBuf::new(&mut this.chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
+            match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                Poll::Pending => {
+                    this.reader = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                Poll::Ready(result) => result?,
+            }
             if chunk.filled().is_empty() {
                 // The end of the stream.
                 return Poll::Ready(Ok(()));
@@ -326,19 +446,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        let this = self.get_mut();
+        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.pings.feed(&buf[..written]);
+        if this.filter.dropping()
+            && this.unanswered() > 0
+            && let Some(reader) = this.reader.take()
+        {
+            reader.wake();
+        }
+        Poll::Ready(Ok(written))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -352,6 +469,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use bytes::BytesMut;
     use proptest::prelude::*;
     use rumqttc::{Packet, Publish, QoS};
@@ -467,6 +586,32 @@ mod tests {
         let garbage = [0x30, 0xff, 0xff, 0xff, 0xff, 0x7f, 1, 2, 3];
         let (out, _) = filtered(10, &garbage, &[]);
         assert_eq!(out, garbage);
+    }
+
+    /// A ping sent while a cut payload is being dropped is answered at once: over a slow
+    /// link the broker's answer waits behind the payload, and rumqttc would give up.
+    #[tokio::test]
+    async fn a_ping_is_answered_while_a_cut_payload_drains() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (near, mut broker) = tokio::io::duplex(64 * 1024);
+        let mut guarded = Guarded::new(near, Filter::new(1000, Arc::new(Cuts::default())));
+        let big = publish("a", QoS::AtLeastOnce, 1, vec![b'x'; 1 << 20]);
+        // The broker has sent the first 10 kB of a 1 MiB publish, and the link stalls.
+        broker.write_all(&big[..10_000]).await.unwrap();
+        // Fixed header (3 bytes), topic (2 + 1), packet id (2), the kept prefix.
+        let mut cut = vec![0; 3 + 3 + 2 + RAW_PREFIX];
+        guarded.read_exact(&mut cut).await.unwrap();
+        assert!(matches!(packets(&cut)[..], [Packet::Publish(_)]));
+        guarded.write_all(&[PINGREQ << 4, 0]).await.unwrap();
+        let mut answer = [0; 2];
+        tokio::time::timeout(Duration::from_secs(1), guarded.read_exact(&mut answer))
+            .await
+            .expect("answered without the broker")
+            .unwrap();
+        assert_eq!(answer, PINGRESP_PACKET);
+        let mut sent = [0; 2];
+        broker.read_exact(&mut sent).await.unwrap();
+        assert_eq!(sent, [PINGREQ << 4, 0], "the ping still reaches the broker");
     }
 
     #[tokio::test]

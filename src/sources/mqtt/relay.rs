@@ -25,27 +25,30 @@ use rumqttc::tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tokio_util::task::TaskTracker;
 
 use super::oversize::{Cuts, Filter, Guarded};
 use crate::config::BrokerConfig;
+use crate::reading::RAW_PREFIX;
 
-/// How long TCP and TLS may take to reach the broker: less than rumqttc's 5 s for its whole
-/// connect, so the relay's reason reaches the session first.
+/// How long TCP and TLS together may take to reach the broker: less than rumqttc's 5 s for
+/// its whole connect, so the relay's reason reaches the session first.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
-/// How long a stopped relay goes on passing what its session wrote last.
-const STOP_GRACE: Duration = Duration::from_secs(2);
-/// Room above `max_payload` for a PUBLISH's fixed header, topic (at most 65,535 bytes) and
-/// packet id.
+/// How long a connection's other direction may go on once one has ended: what the session
+/// wrote last (acknowledgements, DISCONNECT) still goes out.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// Room above the largest publish rumqttc is handed for its fixed header, topic (at most
+/// 65,535 bytes) and packet id.
 const HEADER_ROOM: usize = 5 + 2 + 65_535 + 2;
 
 /// The largest packet rumqttc needs to read from a broker with this `max_payload`: the
-/// filter cuts larger publishes.
+/// filter cuts larger publishes to [`RAW_PREFIX`] bytes of payload, which may be more than
+/// a small `max_payload`.
 pub(super) fn max_packet(max_payload: usize) -> usize {
-    max_payload.saturating_add(HEADER_ROOM)
+    max_payload.max(RAW_PREFIX).saturating_add(HEADER_ROOM)
 }
 
-/// A running relay for one broker session; dropping it stops the relay.
+/// A relay for one broker session, and the task that runs it; dropping the relay stops the
+/// task, which first passes on what the session wrote last.
 pub(super) struct Relay {
     path: String,
     shared: Arc<Shared>,
@@ -63,12 +66,21 @@ struct Shared {
     error: Mutex<Option<String>>,
 }
 
+impl Shared {
+    fn fail(&self, reason: String) {
+        *lock(&self.error) = Some(reason);
+    }
+}
+
 impl Relay {
-    /// Binds the Unix socket and starts the relay task on `tracker`.
+    /// Binds the Unix socket; returns the relay and its task, for the caller to spawn
+    /// beside the session's.
     ///
     /// # Errors
     /// When the private directory or the socket cannot be made.
-    pub fn start(broker: &BrokerConfig, tracker: &TaskTracker) -> io::Result<Self> {
+    pub fn start(
+        broker: &BrokerConfig,
+    ) -> io::Result<(Self, impl Future<Output = ()> + Send + 'static)> {
         let dir = tempfile::Builder::new()
             .prefix("sensorgate-mqtt-")
             .tempdir()?;
@@ -80,18 +92,14 @@ impl Relay {
         let listener = UnixListener::bind(&socket)?;
         let shared = Arc::new(Shared::default());
         let stop = CancellationToken::new();
-        tracker.spawn(relay(
-            listener,
-            broker.clone(),
-            shared.clone(),
-            stop.clone(),
-        ));
-        Ok(Self {
+        let task = relay(listener, broker.clone(), shared.clone(), stop.clone());
+        let relay = Self {
             path,
             shared,
             _stop: stop.drop_guard(),
             _dir: dir,
-        })
+        };
+        Ok((relay, task))
     }
 
     /// Where rumqttc connects.
@@ -139,76 +147,99 @@ async fn relay(
         *lock(&shared.error) = None;
         let cuts = Arc::new(Cuts::default());
         *lock(&shared.cuts) = cuts.clone();
-        let filter = Filter::new(broker.max_payload, cuts);
-        let pump = connect_and_pump(&broker, client, filter);
-        tokio::pin!(pump);
-        let ended = tokio::select! {
-            ended = &mut pump => ended,
-            () = stop.cancelled() => {
-                // The session is gone, its side closed: what it wrote last (the final
-                // acknowledgements, DISCONNECT) still goes out before the connection ends.
-                let _ = tokio::time::timeout(STOP_GRACE, pump).await;
-                return;
+        let opened = tokio::select! {
+            opened = tokio::time::timeout(CONNECT_TIMEOUT, open(&broker)) => opened,
+            () = stop.cancelled() => return,
+        };
+        let stream = match opened {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(reason)) => {
+                // Told before rumqttc sees its connection close.
+                shared.fail(reason);
+                drop(client);
+                continue;
+            }
+            Err(_) => {
+                shared.fail(format!(
+                    "no connection to {} within {CONNECT_TIMEOUT:?}",
+                    broker.url
+                ));
+                drop(client);
+                continue;
             }
         };
-        if let Err(reason) = ended {
-            *lock(&shared.error) = Some(reason);
+        let guarded = Guarded::new(stream, Filter::new(broker.max_payload, cuts));
+        // Once stopped, the session's side is closed: the pump ends when what it wrote last
+        // is passed on, or after the grace.
+        let pump = pump(client, guarded, &shared);
+        tokio::pin!(pump);
+        tokio::select! {
+            () = &mut pump => {}
+            () = stop.cancelled() => {
+                let _ = tokio::time::timeout(DRAIN_GRACE, pump).await;
+                return;
+            }
         }
     }
 }
 
-/// Opens the broker connection and passes bytes both ways until either side closes. Errs
-/// with why, when the broker side was the one that failed or closed.
-async fn connect_and_pump(
-    broker: &BrokerConfig,
-    client: UnixStream,
-    filter: Filter,
-) -> Result<(), String> {
+/// A broker connection: TCP, or TLS over it.
+trait BrokerStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> BrokerStream for S {}
+
+/// Opens the broker connection; errs with why.
+async fn open(broker: &BrokerConfig) -> Result<Box<dyn BrokerStream>, String> {
     let Some(endpoint) = broker.address() else {
         return Err(format!("url `{}` unusable", broker.url));
     };
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((endpoint.host, endpoint.port)),
-    )
-    .await
-    .map_err(|_| {
-        format!(
-            "no answer from {}:{} within {CONNECT_TIMEOUT:?}",
-            endpoint.host, endpoint.port
-        )
-    })?
-    .map_err(|err| format!("I/O: {err}"))?;
+    let tcp = TcpStream::connect((endpoint.host, endpoint.port))
+        .await
+        .map_err(|err| format!("I/O: {err}"))?;
     if !endpoint.tls {
-        return pump(client, Guarded::new(tcp, filter)).await;
+        return Ok(Box::new(tcp));
     }
     let connector = tls_connector(broker).map_err(|err| err.to_string())?;
     let name = ServerName::try_from(endpoint.host.to_string())
         .map_err(|err| format!("TLS: `{}` is not a valid server name: {err}", endpoint.host))?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+    let stream = connector
+        .connect(name, tcp)
         .await
-        .map_err(|_| format!("TLS: no handshake within {CONNECT_TIMEOUT:?}"))?
         .map_err(|err| format!("TLS: {err}"))?;
-    pump(client, Guarded::new(stream, filter)).await
+    Ok(Box::new(stream))
 }
 
-/// Relays until one side closes or fails, then drops both.
-async fn pump<S>(client: UnixStream, broker: S) -> Result<(), String>
+/// Relays until one direction ends, then lets the other finish within [`DRAIN_GRACE`]:
+/// when the broker's side ends, the session's is shut so rumqttc sees it; when the
+/// session's side ends, what it wrote last has gone out. Records why in `shared`, before
+/// rumqttc can see its connection close, when the broker's side was the one to end.
+async fn pump<S>(client: UnixStream, broker: S, shared: &Shared)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_client, to_client) = client.into_split();
     let (mut from_broker, mut to_broker) = tokio::io::split(broker);
+    let down = async move {
+        let mut to_client = to_client;
+        let ended = tokio::io::copy(&mut from_broker, &mut to_client).await;
+        (ended, to_client)
+    };
+    let up = tokio::io::copy(&mut from_client, &mut to_broker);
+    tokio::pin!(down, up);
     tokio::select! {
-        down = tokio::io::copy(&mut from_broker, &mut to_client) => match down {
-            Ok(_) => Err("the broker closed the connection".into()),
-            Err(err) => Err(format!("connection lost: {err}")),
-        },
-        // rumqttc closed its side (Ok), or writing to the broker failed.
-        up = tokio::io::copy(&mut from_client, &mut to_broker) => match up {
-            Ok(_) => Ok(()),
-            Err(err) => Err(format!("connection lost: {err}")),
-        },
+        (ended, to_client) = &mut down => {
+            match ended {
+                Ok(_) => shared.fail("the broker closed the connection".into()),
+                Err(err) => shared.fail(format!("connection lost: {err}")),
+            }
+            // rumqttc reads the end and drops its side, which ends `up`.
+            drop(to_client);
+            let _ = tokio::time::timeout(DRAIN_GRACE, up).await;
+        }
+        ended = &mut up => {
+            if let Err(err) = ended {
+                shared.fail(format!("connection lost: {err}"));
+            }
+        }
     }
 }
 
