@@ -19,9 +19,10 @@
 //!
 //! `BENCH_MESSAGES` sets the messages per run (default 1,000,000: at QoS 0 a run lasts
 //! about 3 s, so start-up and the last commit weigh little), `BENCH_REPS` the repetitions,
-//! `BENCH_QOS` runs one level,
+//! `BENCH_QOS` runs one level's floods (`0`, `1`) or only the steady loads (`steady`),
 //! and `BENCH_BASELINE=path/to/another/sensorgate` runs that binary beside this build in
-//! every repetition, against the same ceiling, to compare two builds side by side.
+//! every repetition, against the same ceiling, and each steady load after this build's, to
+//! compare two builds side by side.
 
 #[path = "support/proc_stat.rs"]
 mod proc_stat;
@@ -54,7 +55,14 @@ async fn run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let only: Option<u8> = std::env::var("BENCH_QOS").ok().and_then(|v| v.parse().ok());
+    // A QoS level runs only that level's floods; `steady` only the steady loads.
+    let only = std::env::var("BENCH_QOS").ok();
+    let floods: Vec<u8> = match only.as_deref() {
+        None => vec![0, 1],
+        Some("steady") => vec![],
+        Some(level) => level.parse().ok().into_iter().collect(),
+    };
+    let steady = only.as_deref().is_none_or(|o| o == "steady");
     let reps: usize = std::env::var("BENCH_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -69,10 +77,7 @@ async fn run() {
         mosquitto.port
     );
     let mut rows = Vec::new();
-    for qos in [0u8, 1]
-        .into_iter()
-        .filter(|q| only.is_none_or(|o| o == *q))
-    {
+    for qos in floods {
         let mut ceiling = Vec::new();
         let mut broker_cpu = Vec::new();
         let mut gateway: Vec<Vec<GatewayRun>> = builds.iter().map(|_| Vec::new()).collect();
@@ -133,18 +138,20 @@ async fn run() {
             rows.push((label, c, broker_cpu, g, ratio, spread, cpu, rss));
         }
     }
-    println!();
-    println!(
-        "| QoS | broker ceiling (msg/s) | broker CPU per message (µs) | gateway into SQLite (msg/s) | ratio (runs) | gateway CPU per message (µs) | gateway peak RSS (MiB) |"
-    );
-    println!("|----:|---:|---:|---:|---:|---:|---:|");
+    if !rows.is_empty() {
+        println!();
+        println!(
+            "| QoS | broker ceiling (msg/s) | broker CPU per message (µs) | gateway into SQLite (msg/s) | ratio (runs) | gateway CPU per message (µs) | gateway peak RSS (MiB) |"
+        );
+        println!("|----:|---:|---:|---:|---:|---:|---:|");
+    }
     for (label, c, broker_cpu, g, ratio, (low, high), cpu, rss) in rows {
         println!(
             "| {label} | {c:.0} | {broker_cpu:.2} | {g:.0} | {ratio:.2} ({low:.2}–{high:.2}) | {cpu:.2} | {rss:.1} |"
         );
     }
 
-    if only.is_none() {
+    if steady {
         println!();
         println!(
             "| steady load, QoS 1, 10 s | gateway CPU (% of one core) | peak RSS (MiB) | publish to commit p50 / p99 (ms) |"
@@ -155,27 +162,28 @@ async fn run() {
             (5_000.0, 1_000, "RSS at most 30 MiB"),
             (10_000.0, DEVICES, "p99 under 250 ms"),
         ] {
-            let steady = scenario(
-                &format!("steady{rate}-{devices}"),
-                (rate * 10.0) as u64,
-                devices,
-            );
-            let run = gateway_run(
-                Path::new(BIN),
-                mosquitto.port,
-                &steady,
-                Pace::Steady(rate),
-                1,
-            )
-            .await;
-            let (p50, p99) = run.latency.unwrap_or_default();
-            println!(
-                "| {rate:.0} msg/s, {devices} devices (budget: {budget}) | {:.1} | {:.1} | {:.0} / {:.0} |",
-                run.cpu_share * 100.0,
-                run.peak_rss_mib,
-                p50.as_secs_f64() * 1e3,
-                p99.as_secs_f64() * 1e3
-            );
+            // Each build in turn, on a topic of its own, one after the other.
+            for (name, bin) in &builds {
+                let steady = scenario(
+                    &format!("steady{rate}-{devices}-{}", name.replace(' ', "")),
+                    (rate * 10.0) as u64,
+                    devices,
+                );
+                let run = gateway_run(bin, mosquitto.port, &steady, Pace::Steady(rate), 1).await;
+                let (p50, p99) = run.latency.unwrap_or_default();
+                let label = if builds.len() > 1 {
+                    format!(" ({name})")
+                } else {
+                    String::new()
+                };
+                println!(
+                    "| {rate:.0} msg/s, {devices} devices{label} (budget: {budget}) | {:.1} | {:.1} | {:.0} / {:.0} |",
+                    run.cpu_share * 100.0,
+                    run.peak_rss_mib,
+                    p50.as_secs_f64() * 1e3,
+                    p99.as_secs_f64() * 1e3
+                );
+            }
         }
     }
 }

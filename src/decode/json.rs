@@ -25,7 +25,7 @@ pub(super) fn decode(
     out: &mut Output,
 ) -> Result<(), DecodeError> {
     match decode_flat(decoder, payload) {
-        Some(readings) => readings.into_iter().try_for_each(|r| out.push(r)),
+        Some(readings) => out.take(readings),
         None => decode_document(decoder, payload, out),
     }
 }

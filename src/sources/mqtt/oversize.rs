@@ -31,7 +31,7 @@ const PINGRESP: u8 = 13;
 /// A whole PINGRESP packet.
 const PINGRESP_PACKET: [u8; 2] = [PINGRESP << 4, 0];
 /// How much the guard reads from the socket at once.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 
 /// A publish the filter cut: the `ordinal`-th PUBLISH of its connection (from 0), whose
 /// payload had `size` bytes.
