@@ -683,3 +683,60 @@ fn check_config_warns_of_readable_secrets_and_refuses_empty_ones() {
         "{stderr}"
     );
 }
+
+/// A flood of large messages while commits wait: the gateway used to take in up to
+/// `max_unacked` of them (1,000 messages of 1 MiB is a gigabyte) before it stopped reading.
+/// `max_unacked_bytes` bounds them in bytes; the rest wait at the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_beyond_max_unacked_bytes_wait_at_the_broker() {
+    use sqlx::Connection as _;
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let prefix = unique("large");
+    let text = config(mosquitto.port, &db, &prefix, "")
+        .replace(
+            "max_unacked = ",
+            "max_unacked_bytes = 8388608\nmax_unacked = ",
+        )
+        .replace("[storage]\n", "[storage]\nbusy_timeout = \"60s\"\n");
+    let path = write_config(dir.path(), &text);
+    let gateway = Gateway::start(&path);
+    gateway.wait_for_log("Subscribed", Duration::from_secs(10));
+    let before_kib = gateway.peak_rss_kib();
+
+    // Another connection holds the write lock: no commit, no acknowledgement.
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let messages = 60;
+    for _ in 0..messages {
+        publish_raw(
+            mosquitto.port,
+            &format!("{prefix}/probe"),
+            vec![b'{'; 1_000_000],
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held_kib = gateway.peak_rss_kib() - before_kib;
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    drop(locker);
+    println!("{messages} messages of 1 MB waiting for a commit: peak RSS grew {held_kib} KiB");
+    wait_for_scalar(
+        &db,
+        "every message stored",
+        "SELECT count(*) FROM rejections",
+        messages,
+        Duration::from_secs(60),
+    )
+    .await;
+    // 8 MiB in the window, what rumqttc had parsed ahead (up to ten packets) and the buffers
+    // of the connection: well under the 60 MB taken in before.
+    assert!(held_kib < 28 * 1024, "{held_kib} KiB held");
+    stop(gateway);
+}

@@ -108,6 +108,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 ),
             ));
         }
+        if broker.max_unacked_bytes == 0 {
+            return Err(invalid(
+                offset,
+                format!(
+                    "broker `{}`: max_unacked_bytes must be at least 1",
+                    broker.id
+                ),
+            ));
+        }
         if broker.max_unacked == 0 {
             return Err(invalid(
                 offset,

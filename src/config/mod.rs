@@ -357,6 +357,11 @@ pub struct BrokerConfig {
     /// as a `too_large` rejection holding its first 4 KiB, then acknowledged.
     #[serde(default = "default_max_payload")]
     pub max_payload: usize,
+    /// The most payload bytes of messages received but not yet acknowledged (QoS 1 and 2):
+    /// beside `max_unacked`, what bounds the memory a broker's messages take in the gateway
+    /// when they are large.
+    #[serde(default = "default_max_unacked_bytes")]
+    pub max_unacked_bytes: usize,
     /// PEM file of the CAs that sign the broker's certificate (mqtts:// only); default the
     /// system bundle.
     #[serde(default)]
@@ -395,6 +400,9 @@ fn default_max_unacked() -> u16 {
 }
 fn default_max_payload() -> usize {
     1 << 20
+}
+fn default_max_unacked_bytes() -> usize {
+    64 << 20
 }
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)

@@ -180,6 +180,7 @@ impl BrokerUnit {
             events: Some(ctx.events.clone()),
             link: link_tx,
             board: Arc::new(AckBoard::default()),
+            unacked_bytes: UnackedBytes::default(),
         };
         ctx.tracker
             .spawn(unit.done.track_future(session.run(unit.cancel.clone())));
@@ -297,6 +298,28 @@ struct Session {
     events: Option<mpsc::Sender<SourceEvent>>,
     link: watch::Sender<Link>,
     board: Arc<AckBoard>,
+    /// The payload bytes of the messages in the window, bounded by `max_unacked_bytes`.
+    unacked_bytes: UnackedBytes,
+}
+
+/// The payload sizes of the messages waiting for their acknowledgement, in arrival order
+/// (the window's), and their sum.
+#[derive(Debug, Default)]
+struct UnackedBytes {
+    sizes: VecDeque<usize>,
+    total: usize,
+}
+
+impl UnackedBytes {
+    fn push(&mut self, size: usize) {
+        self.sizes.push_back(size);
+        self.total += size;
+    }
+
+    /// The oldest message was acknowledged.
+    fn pop(&mut self) {
+        self.total -= self.sizes.pop_front().unwrap_or(0);
+    }
 }
 
 impl Session {
@@ -335,7 +358,7 @@ impl Session {
         loop {
             if self.board.abandoned.swap(false, Ordering::Relaxed) {
                 tracing::error!(broker = %self.broker.id, "A message was dropped inside the gateway before it was stored; reconnecting so the broker delivers it again");
-                lock(&self.board.window).reset();
+                self.reset_window();
                 self.unsent.clear();
                 eventloop.clean();
                 eventloop.state.events.clear();
@@ -368,7 +391,9 @@ impl Session {
             let can_poll = !stopping || unacked > 0;
             // Stop reading once max_unacked messages wait for their commit, and let TCP push
             // back on the broker.
-            let full = pending.len() >= max_unacked || window_len >= max_unacked;
+            let full = pending.len() >= max_unacked
+                || window_len >= max_unacked
+                || self.unacked_bytes.total >= self.broker.max_unacked_bytes;
             // A stalled pipeline must not cost the connection: while the window is full, a
             // ping goes out every half keep-alive (the broker keeps what it cannot send).
             let ping_due = last_poll + keep_alive / 2;
@@ -437,7 +462,7 @@ impl Session {
                     backoff.reset();
                     publishes = 0;
                     cuts = self.relay.cuts();
-                    lock(&self.board.window).reset();
+                    self.reset_window();
                     self.unsent.clear();
                     self.connected = true;
                     self.subscribing.clear();
@@ -523,7 +548,7 @@ impl Session {
                     // The broker delivers everything unacknowledged again on the next
                     // connection; settlements from this one no longer count, and publishes
                     // rumqttc read before the error must not surface after the next ConnAck.
-                    lock(&self.board.window).reset();
+                    self.reset_window();
                     self.unsent.clear();
                     eventloop.state.events.clear();
                     self.connected = false;
@@ -642,7 +667,7 @@ impl Session {
     /// Takes a publish in: records it in the acknowledgement window and queues it for its
     /// device; `cut` is its payload's size when the guard cut it.
     fn receive(
-        &self,
+        &mut self,
         publish: Publish,
         received_at: Millis,
         cut: Option<usize>,
@@ -659,6 +684,7 @@ impl Session {
                 payload: Bytes::new(),
             };
             let (generation, seq) = lock(&self.board.window).push(marker);
+            self.unacked_bytes.push(publish.payload.len());
             Ticket::new(self.board.clone(), generation, seq)
         });
         let route = self.router.find(&publish.topic);
@@ -688,8 +714,15 @@ impl Session {
     fn collect_acks(&mut self) {
         let mut window = lock(&self.board.window);
         while let Some(publish) = window.pop_ready() {
+            self.unacked_bytes.pop();
             self.unsent.push_back(publish);
         }
+    }
+
+    /// Forgets every message of the connection that was: the broker sends them again.
+    fn reset_window(&mut self) {
+        lock(&self.board.window).reset();
+        self.unacked_bytes = UnackedBytes::default();
     }
 
     /// Writes the due acknowledgements straight into the connection, in order, with one
