@@ -115,6 +115,7 @@ async fn run() {
     fill(&db);
     for build in &mut builds[1..] {
         std::fs::copy(&db, &build.db).expect("copy of the filled database");
+        forget_unknown_migrations(&build.exe, &build.db);
     }
     for build in &mut builds {
         build.start();
@@ -341,6 +342,42 @@ fn fill(db: &Path) {
         }
     }
     tx.commit().expect("commit");
+}
+
+/// Removes from `db` the record of migrations that `exe` does not have, so an older build
+/// opens a database this build made (it refuses a database migrated beyond what it knows).
+/// Their tables and columns stay: migrations only add them, and the older build's queries
+/// name the columns they use.
+fn forget_unknown_migrations(exe: &Path, db: &Path) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let empty = dir.path().join("empty.db");
+    let config = dir.path().join("empty.toml");
+    std::fs::write(
+        &config,
+        format!("[storage]\npath = \"{}\"\n", empty.display()),
+    )
+    .expect("config");
+    cli(
+        exe,
+        &["migrate".as_ref(), "--config".as_ref(), config.as_os_str()],
+    );
+    let known: Vec<i64> = rusqlite::Connection::open(&empty)
+        .expect("empty db")
+        .prepare("SELECT version FROM _sqlx_migrations")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("versions");
+    let conn = rusqlite::Connection::open(db).expect("copy");
+    let stored: Vec<i64> = conn
+        .prepare("SELECT version FROM _sqlx_migrations")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("versions");
+    for version in stored.iter().filter(|v| !known.contains(v)) {
+        conn.execute(
+            "DELETE FROM _sqlx_migrations WHERE version = ?1",
+            params![version],
+        )
+        .expect("forget a migration");
+    }
 }
 
 /// GETs `path` into `body` (cleared first, its capacity kept from one request to the next,
