@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use sensorgate::config::{Config, ConfigError, DeviceConfig, parse};
-use sensorgate::decode::{DecodeLimits, Decoder};
 use sensorgate::decode::registers::plan_reads;
+use sensorgate::decode::{DecodeLimits, Decoder};
 use sensorgate::pipeline::validate::Validator;
 use sensorgate::sources::framing::LineFramer;
 

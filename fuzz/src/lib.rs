@@ -47,8 +47,12 @@ pub fn decoder(
         max_name_bytes: MAX_NAME_BYTES,
         ..ValidationConfig::default()
     });
-    Decoder::new(&options, fields.iter().map(|f| f.to_string()).collect(), limits)
-        .expect("the targets pass patterns that compile")
+    Decoder::new(
+        &options,
+        fields.iter().map(|f| f.to_string()).collect(),
+        limits,
+    )
+    .expect("the targets pass patterns that compile")
 }
 
 /// What every decoder promises: readings or an error that says something; never an empty

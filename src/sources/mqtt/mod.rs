@@ -12,6 +12,7 @@
 //! rumqttc reaches the broker through [`relay`], which cuts every publish over the broker's
 //! `max_payload` ([`oversize`]); the session stores those as `too_large` rejections.
 
+mod guard;
 mod oversize;
 mod relay;
 

@@ -26,7 +26,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::oversize::{Cuts, Filter, Guarded};
+use super::guard::Guarded;
+use super::oversize::{Cuts, Filter};
 use crate::config::BrokerConfig;
 use crate::reading::RAW_PREFIX;
 
