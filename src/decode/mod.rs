@@ -182,6 +182,27 @@ fn epoch_to_millis(value: f64) -> Option<Millis> {
     Some(millis.round() as Millis)
 }
 
+/// A decoder as a device's config makes it, with the default limits.
+#[cfg(test)]
+pub(crate) fn test_decoder(
+    format: PayloadFormat,
+    timestamp_field: Option<&str>,
+    fields: &[&str],
+    columns: &[&str],
+) -> Decoder {
+    let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+    let options = FormatOptions {
+        format,
+        timestamp_field,
+        columns: &columns,
+        delimiter: None,
+        pattern: None,
+    };
+    let limits = DecodeLimits::new(&ValidationConfig::default());
+    let fields = fields.iter().map(|f| f.to_string()).collect();
+    Decoder::new(&options, fields, limits).expect("a test's pattern compiles")
+}
+
 #[cfg(test)]
 mod golden {
     //! Golden cases: `src/decode/testcases/<case>/` holds `decoder.json` (format, timestamp
@@ -293,21 +314,7 @@ mod golden {
     }
 
     fn decoder(format: PayloadFormat, fields: &[&str], columns: &[&str]) -> Decoder {
-        let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
-        let options = FormatOptions {
-            format,
-            timestamp_field: None,
-            columns: &columns,
-            delimiter: None,
-            pattern: None,
-        };
-        let limits = DecodeLimits::new(&ValidationConfig::default());
-        Decoder::new(
-            &options,
-            fields.iter().map(|f| f.to_string()).collect(),
-            limits,
-        )
-        .unwrap()
+        test_decoder(format, None, fields, columns)
     }
 
     /// A 900 kB base name and 12,000 records of `{"v":1}` once made 10 GB of names.

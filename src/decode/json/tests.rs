@@ -6,25 +6,11 @@ use serde_json::Value;
 
 use super::walk::decode_document;
 use super::*;
-use crate::config::{FormatOptions, PayloadFormat, ValidationConfig};
-use crate::decode::DecodeLimits;
+use crate::config::PayloadFormat;
 use crate::decode::Output;
 
 fn decoder(fields: &[&str], timestamp_field: Option<&str>) -> Decoder {
-    let options = FormatOptions {
-        format: PayloadFormat::Json,
-        timestamp_field,
-        columns: &[],
-        delimiter: None,
-        pattern: None,
-    };
-    let limits = DecodeLimits::new(&ValidationConfig::default());
-    Decoder::new(
-        &options,
-        fields.iter().map(|f| f.to_string()).collect(),
-        limits,
-    )
-    .unwrap()
+    crate::decode::test_decoder(PayloadFormat::Json, timestamp_field, fields, &[])
 }
 
 /// The walk alone, as `decode` runs it when the flat scanner gives up.

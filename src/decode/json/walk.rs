@@ -29,9 +29,11 @@ pub(super) fn decode_document(
         error: None,
     };
     let mut json = serde_json::Deserializer::from_slice(payload);
-    let parsed = Top(&mut walk)
-        .deserialize(&mut json)
-        .and_then(|()| json.end());
+    let top = Top {
+        walk: &mut walk,
+        index: None,
+    };
+    let parsed = top.deserialize(&mut json).and_then(|()| json.end());
     if let Some(err) = walk.error {
         return Err(err);
     }
@@ -428,13 +430,20 @@ impl<'de> Visitor<'de> for Member<'_, '_, '_, '_> {
     }
 }
 
-/// The document: an object, or a non-empty array of objects.
-struct Top<'w, 'd, 'o>(&'w mut Walk<'d, 'o>);
+/// The document (`index` None): an object, or a non-empty array of objects; or one item of
+/// that array (`index` its place), which must be an object.
+struct Top<'w, 'd, 'o> {
+    walk: &'w mut Walk<'d, 'o>,
+    index: Option<usize>,
+}
 
 impl Top<'_, '_, '_> {
     fn not_an_object<E: de::Error>(self, kind: &str) -> Result<(), E> {
-        let err = DecodeError::malformed(format!("expected a JSON object, found {kind}"));
-        Err(self.0.refuse(err))
+        let detail = match self.index {
+            None => format!("expected a JSON object, found {kind}"),
+            Some(i) => format!("array item {i} is {kind}, expected an object"),
+        };
+        Err(self.walk.refuse(DecodeError::malformed(detail)))
     }
 }
 
@@ -454,15 +463,18 @@ impl<'de> Visitor<'de> for Top<'_, '_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        self.0.object(map, None)
+        self.walk.object(map, self.index)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.index.is_some() {
+            return self.not_an_object("an array");
+        }
         let mut index = 0;
         while seq
-            .next_element_seed(Item {
-                walk: &mut *self.0,
-                index,
+            .next_element_seed(Top {
+                walk: &mut *self.walk,
+                index: Some(index),
             })?
             .is_some()
         {
@@ -474,64 +486,6 @@ impl<'de> Visitor<'de> for Top<'_, '_, '_> {
         Ok(())
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        self.not_an_object("a boolean")
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.not_an_object("a number")
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.not_an_object("a number")
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        self.not_an_object("a number")
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        self.not_an_object("a string")
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.not_an_object("null")
-    }
-}
-
-/// One item of a top-level array, which must be an object.
-struct Item<'w, 'd, 'o> {
-    walk: &'w mut Walk<'d, 'o>,
-    index: usize,
-}
-
-impl Item<'_, '_, '_> {
-    fn not_an_object<E: de::Error>(self, kind: &str) -> Result<(), E> {
-        let err = DecodeError::malformed(format!(
-            "array item {} is {kind}, expected an object",
-            self.index
-        ));
-        Err(self.walk.refuse(err))
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Item<'_, '_, '_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Item<'_, '_, '_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        self.walk.object(map, Some(self.index))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        self.not_an_object("an array")
-    }
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
         self.not_an_object("a boolean")
     }
