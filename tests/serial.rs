@@ -284,6 +284,56 @@ async fn an_unplugged_port_is_reopened_with_backoff_and_nothing_after_replug_is_
     gateway.await.unwrap().unwrap();
 }
 
+/// Four unplugs 3 s apart once grew the waits from 1.6 s to 12.8 s, so most lines written
+/// while the port was plugged in were read late or not at all: a reopen that reads data now
+/// starts the backoff over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_pulled_for_a_moment_again_and_again_is_reopened_within_the_first_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let path = pty_path(dir.path(), "flaky");
+    let plan = scenario(LineFormat::KeyValue, 5_000, 0);
+    let sensor = LineSensor::start(
+        Pty::open(&path).unwrap(),
+        plan.lines(),
+        LineOptions {
+            pace: Pace::Steady(20.0),
+            ..LineOptions::default()
+        },
+        CancellationToken::new(),
+    );
+    // A cap of 30 s: without the reset the waits double across unplugs, 0.8 s before the
+    // second reopen, 1.6 s, 3.2 s, 6.4 s before the fifth.
+    let device = line_device("flaky", &path, LineFormat::KeyValue, "")
+        .replace("reconnect_max = \"1s\"", "reconnect_max = \"30s\"");
+    let (shutdown, gateway) = start_gateway(&db, &device).await;
+    sensor.wait_written(10).await.unwrap();
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        sensor.unplug().await.unwrap();
+        // Out long enough for the gateway to fail a reopen or two.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sensor.replug().await.unwrap();
+        let replugged = tokio::time::Instant::now();
+        // The sensor writes only to a reader: its next line marks the reopen.
+        let written = sensor.report().written;
+        sensor.wait_written(written + 1).await.unwrap();
+        waits.push(replugged.elapsed());
+        sensor.wait_written(written + 10).await.unwrap();
+    }
+    eprintln!("reopened after each replug within {waits:?}");
+    // Waits of 100, 200 and 400 ms cover a 500 ms pull; the reopen comes at most 400 ms
+    // after the replug.
+    assert!(
+        waits.iter().all(|w| *w < Duration::from_secs(1)),
+        "reopened {waits:?} after each replug"
+    );
+    let pool = read_pool(&db).await;
+    wait_for_state(&pool, "flaky", "connected").await;
+    shutdown.cancel();
+    gateway.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sensor_that_answers_only_when_polled_is_polled_at_its_interval() {
     let dir = tempfile::tempdir().unwrap();

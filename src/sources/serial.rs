@@ -82,6 +82,7 @@ impl LineDevice {
                         Ok(n) => n,
                         Err(err) => return Err(Fault::Failed(format!("{source}: read failed: {err}"))),
                     };
+                    status.heard();
                     self.framer.push(&buf[..n], |frame| frames.push(frame));
                     for frame in frames.drain(..) {
                         last_line = Instant::now();

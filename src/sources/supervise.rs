@@ -37,6 +37,8 @@ pub struct Status {
     kind: &'static str,
     outlet: Outlet,
     state: Option<(DeviceState, Option<String>)>,
+    /// The current connection has read something from the device.
+    heard: bool,
 }
 
 impl Status {
@@ -46,7 +48,14 @@ impl Status {
             kind,
             outlet,
             state: None,
+            heard: false,
         }
+    }
+
+    /// The device sent data over the current connection: the connection works, so the
+    /// next fault starts the reconnect backoff over.
+    pub fn heard(&mut self) {
+        self.heard = true;
     }
 
     pub fn device(&self) -> &DeviceId {
@@ -111,7 +120,9 @@ pub trait Connect {
 
 /// Runs `device`'s connections until one stops: each [`Fault`] is stored as the device's
 /// state (`failing` or `stale`) and counted, and the next connection starts after a capped
-/// exponential backoff. A connection that lasted longer than the cap starts the backoff over.
+/// exponential backoff. A connection that read data from the device, or lasted longer than
+/// the cap, starts the backoff over: a cable pulled for a moment, again and again, is
+/// reopened within the first waits each time, not after ever longer ones.
 pub async fn supervise(
     mut status: Status,
     cancel: CancellationToken,
@@ -121,11 +132,12 @@ pub async fn supervise(
     let mut backoff = Backoff::new(backoff.0, backoff.1);
     loop {
         let started = Instant::now();
+        status.heard = false;
         let fault = match device.connect(&mut status).await {
             Ok(stopped) => return stopped,
             Err(fault) => fault,
         };
-        if started.elapsed() > backoff.max() {
+        if status.heard || started.elapsed() > backoff.max() {
             backoff.reset();
         }
         let delay = backoff.next_delay();
