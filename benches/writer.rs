@@ -118,7 +118,7 @@ fn batches(config: &sensorgate::config::Config, messages: usize, batch_size: usi
             source: Arc::from("t"),
             received_at: time,
             raw: Bytes::new(),
-            decoded: Ok(vec![raw("temp", value), raw("hum", 50.0 + value / 2.0)]),
+            decoded: Ok(vec![raw("temp", value), raw("hum", 50.0 + value / 2.0)].into()),
             ticket: None,
         };
         let checked = validator.check(&message);

@@ -156,6 +156,8 @@ pub enum RejectReason {
     /// The device already has `validation.max_metrics_per_device` metrics its config does
     /// not list, and this value would add another.
     TooManyMetrics,
+    /// A string or data value (SenML `vs`, `vd`): only numbers are stored.
+    NotNumeric,
 }
 
 impl RejectReason {
@@ -171,12 +173,13 @@ impl RejectReason {
             Self::TooManyValues => "too_many_values",
             Self::NameTooLong => "name_too_long",
             Self::TooManyMetrics => "too_many_metrics",
+            Self::NotNumeric => "not_numeric",
         }
     }
 }
 
 /// Every reason, for documentation and for checking a query's `reason` parameter.
-pub const REJECT_REASONS: [RejectReason; 10] = [
+pub const REJECT_REASONS: [RejectReason; 11] = [
     RejectReason::Malformed,
     RejectReason::NotFinite,
     RejectReason::OutOfRange,
@@ -187,6 +190,7 @@ pub const REJECT_REASONS: [RejectReason; 10] = [
     RejectReason::TooManyValues,
     RejectReason::NameTooLong,
     RejectReason::TooManyMetrics,
+    RejectReason::NotNumeric,
 ];
 
 impl fmt::Display for RejectReason {
@@ -342,7 +346,62 @@ impl DecodeError {
 }
 
 /// What a payload decoded to: readings, or why it could not be decoded.
-pub type Decoded = Result<Vec<RawReading>, DecodeError>;
+pub type Decoded = Result<Decoding, DecodeError>;
+
+/// The readings of a payload, and the values it held that cannot be readings (SenML
+/// records with a string or data value): those are counted in the message's rejection
+/// while its numbers are stored.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decoding {
+    pub readings: Vec<RawReading>,
+    pub skipped: Skipped,
+}
+
+/// Values of a payload that are not readings: how many, and sentences naming the first few.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Skipped {
+    pub count: u32,
+    /// At most [`Skipped::LISTED`].
+    pub listed: Vec<String>,
+}
+
+impl Skipped {
+    pub const LISTED: usize = 8;
+
+    pub fn add(&mut self, detail: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.listed.len() < Self::LISTED {
+            self.listed.push(detail());
+        }
+    }
+}
+
+impl From<Vec<RawReading>> for Decoding {
+    fn from(readings: Vec<RawReading>) -> Self {
+        Self {
+            readings,
+            skipped: Skipped::default(),
+        }
+    }
+}
+
+/// A decoding reads as its readings.
+impl std::ops::Deref for Decoding {
+    type Target = Vec<RawReading>;
+
+    fn deref(&self) -> &Vec<RawReading> {
+        &self.readings
+    }
+}
+
+impl IntoIterator for Decoding {
+    type Item = RawReading;
+    type IntoIter = std::vec::IntoIter<RawReading>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.readings.into_iter()
+    }
+}
 
 /// One message from one device, the unit of delivery through the pipeline.
 #[derive(Debug)]

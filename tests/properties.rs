@@ -258,7 +258,7 @@ fn ingest(db: &Path, events: &[Event], archive_at_rows: u64) -> Vec<(Key, f64)> 
             };
             delivered.push((device, values.clone()));
             let id = DeviceId::new(DEVICES[device]);
-            let raw = values
+            let raw: Vec<RawReading> = values
                 .iter()
                 .map(|v| RawReading {
                     field: METRICS[v.metric].into(),
@@ -272,7 +272,7 @@ fn ingest(db: &Path, events: &[Event], archive_at_rows: u64) -> Vec<(Key, f64)> 
                 source: Arc::from(DEVICES[device]),
                 received_at: NOW,
                 raw: Bytes::new(),
-                decoded: Ok(raw),
+                decoded: Ok(raw.into()),
                 ticket: None,
             };
             let checked = validator.check(&message);

@@ -65,7 +65,8 @@ async fn write(config: &Config, batches: &[&[(Millis, f64)]], archive_at_rows: u
                     value,
                     unit: None,
                     source_time: Some(time),
-                }]),
+                }]
+                .into()),
                 ticket: None,
             };
             let checked = validator.check(&message);

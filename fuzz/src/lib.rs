@@ -7,9 +7,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use sensorgate::config::{FormatOptions, PayloadFormat, ValidationConfig};
+use sensorgate::config::{FormatOptions, PayloadFormat, TimestampFallback, ValidationConfig};
 use sensorgate::decode::{DecodeLimits, Decoder, Layout};
-use sensorgate::reading::{Decoded, Millis, RejectReason};
+use sensorgate::reading::{Decoded, Millis, RejectReason, Skipped};
 
 /// The receive time the targets pass to decoders.
 pub const NOW: Millis = 1_700_000_000_000;
@@ -38,6 +38,9 @@ pub fn decoder(
     let options = FormatOptions {
         format,
         timestamp_field,
+        // Local times in the payloads are read in a zone with daylight saving.
+        timezone: timestamp_field.map(|_| "Europe/Berlin"),
+        timestamp_fallback: TimestampFallback::Reject,
         columns: &columns,
         delimiter,
         pattern,
@@ -80,8 +83,22 @@ pub fn check_decoded(decoder: &Decoder, payload: &[u8], decoded: &Decoded) {
             return;
         }
     };
-    assert!(!readings.is_empty(), "Ok with no readings");
-    assert!(readings.len() <= MAX_VALUES, "{} readings", readings.len());
+    let skipped = &readings.skipped;
+    assert!(
+        !readings.is_empty() || skipped.count > 0,
+        "Ok with no readings and nothing skipped"
+    );
+    assert!(
+        readings.len() + skipped.count as usize <= MAX_VALUES,
+        "{} readings and {} values skipped",
+        readings.len(),
+        skipped.count
+    );
+    assert!(skipped.listed.len() <= Skipped::LISTED, "{skipped:?}");
+    assert!(
+        matches!(decoder.layout, Layout::Senml) || skipped.count == 0,
+        "only SenML skips values: {skipped:?}"
+    );
     // Names the payload made, each allocation once; configured names are the config's.
     let mut made: HashSet<*const u8> = HashSet::new();
     let mut made_bytes = 0;

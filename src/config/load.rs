@@ -278,6 +278,17 @@ fn check_format(
     metrics: &[super::MetricConfig],
 ) -> Result<(), String> {
     let format = options.format;
+    if options.timestamp_field.is_none()
+        && (options.timezone.is_some()
+            || options.timestamp_fallback != super::TimestampFallback::Reject)
+    {
+        return Err(format!(
+            "device `{id}`: `timezone` and `timestamp_fallback` say how the `timestamp_field` is read; set it too"
+        ));
+    }
+    if let Some(zone) = options.timezone {
+        crate::decode::time_zone(zone).map_err(|err| format!("device `{id}`: {err}"))?;
+    }
     if format != PayloadFormat::Csv && (!options.columns.is_empty() || options.delimiter.is_some())
     {
         return Err(format!(
@@ -326,7 +337,18 @@ fn check_format(
             }
             Some(captures)
         }
-        PayloadFormat::Json | PayloadFormat::Senml | PayloadFormat::KeyValue => None,
+        PayloadFormat::Json => {
+            let paths = metrics
+                .iter()
+                .map(|m| ("field", m.field()))
+                .chain(options.timestamp_field.map(|t| ("timestamp_field", t)));
+            for (key, path) in paths {
+                crate::decode::check_path(path)
+                    .map_err(|err| format!("device `{id}`: {key} `{path}`: {err}"))?;
+            }
+            None
+        }
+        PayloadFormat::Senml | PayloadFormat::KeyValue => None,
     };
     if let Some(names) = names {
         let wanted = metrics
@@ -911,6 +933,29 @@ mod tests {
             "format = \"regex\"\npattern = 'T:(?P<temp>[0-9.]+)'\n[[devices.metrics]]\nname = \"t\"\nfield = \"temp\"",
         ))
         .unwrap();
+    }
+
+    /// `ENERGY.Power[1]` once passed and matched nothing.
+    #[test]
+    fn a_json_path_that_does_not_parse_is_refused() {
+        let metric = |field: &str| {
+            format!("format = \"json\"\n[[devices.metrics]]\nname = \"p\"\nfield = '{field}'")
+        };
+        parse_str(&line_device(&metric("ENERGY.Power[1]"))).unwrap();
+        parse_str(&line_device(&metric(r#"s["temp.c"]"#))).unwrap();
+        let err = parse_str(&line_device(&metric("ENERGY.Power[one]")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("field `ENERGY.Power[one]`: `[one]` is not an array index"),
+            "{err}"
+        );
+        let err = parse_str(&line_device(
+            "format = \"json\"\ntimestamp_field = \"meta.\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("timestamp_field `meta.`"), "{err}");
     }
 
     #[test]

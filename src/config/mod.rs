@@ -446,6 +446,8 @@ pub enum DeviceConfig {
 pub struct FormatOptions<'a> {
     pub format: PayloadFormat,
     pub timestamp_field: Option<&'a str>,
+    pub timezone: Option<&'a str>,
+    pub timestamp_fallback: TimestampFallback,
     pub columns: &'a [String],
     pub delimiter: Option<char>,
     pub pattern: Option<&'a str>,
@@ -502,6 +504,8 @@ impl MqttDeviceConfig {
         FormatOptions {
             format: self.format,
             timestamp_field: self.timestamp_field.as_deref(),
+            timezone: self.timezone.as_deref(),
+            timestamp_fallback: self.timestamp_fallback,
             columns: &self.columns,
             delimiter: self.delimiter,
             pattern: self.pattern.as_deref(),
@@ -524,6 +528,14 @@ pub struct MqttDeviceConfig {
     /// The field holding the source's timestamp (epoch s, ms or RFC 3339).
     #[serde(default)]
     pub timestamp_field: Option<String>,
+    /// The IANA time zone (`Europe/Berlin`) a source time without an offset is read in;
+    /// without one such a time cannot be read.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// A source time that cannot be read: `reject` the message, or store its readings at
+    /// the receive time, flagged as receive-time readings (`receive_time`).
+    #[serde(default)]
+    pub timestamp_fallback: TimestampFallback,
     /// `csv`: the field each column holds, in order; `_` skips a column.
     #[serde(default)]
     pub columns: Vec<String>,
@@ -544,6 +556,17 @@ pub struct MqttDeviceConfig {
 
 fn default_qos() -> u8 {
     1
+}
+
+/// What a source time that cannot be read does to its message.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampFallback {
+    /// The message becomes a `malformed` rejection naming the field.
+    #[default]
+    Reject,
+    /// Its readings take the receive time and the receive-time flag.
+    ReceiveTime,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]

@@ -85,6 +85,14 @@ pub struct SerialDeviceConfig {
     /// The field holding the source's timestamp (epoch s, ms or RFC 3339).
     #[serde(default)]
     pub timestamp_field: Option<String>,
+    /// The IANA time zone (`Europe/Berlin`) a source time without an offset is read in;
+    /// without one such a time cannot be read.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// A source time that cannot be read: `reject` the message, or store its readings at
+    /// the receive time, flagged as receive-time readings (`receive_time`).
+    #[serde(default)]
+    pub timestamp_fallback: super::TimestampFallback,
     /// `csv`: the field each column holds, in order; `_` skips a column.
     #[serde(default)]
     pub columns: Vec<String>,
@@ -120,6 +128,8 @@ impl SerialDeviceConfig {
         super::FormatOptions {
             format: self.format,
             timestamp_field: self.timestamp_field.as_deref(),
+            timezone: self.timezone.as_deref(),
+            timestamp_fallback: self.timestamp_fallback,
             columns: &self.columns,
             delimiter: self.delimiter,
             pattern: self.pattern.as_deref(),

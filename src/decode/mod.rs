@@ -9,17 +9,19 @@ mod senml;
 mod text;
 mod time;
 
+pub use json::path::check as check_path;
 pub use output::names_allowed;
-pub use time::{format_rfc3339, parse_rfc3339, write_rfc3339};
+pub use time::{format_rfc3339, parse_rfc3339, time_zone, write_rfc3339};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use regex::Regex;
 
-use crate::config::{FormatOptions, PayloadFormat, ValidationConfig};
+use crate::config::{FormatOptions, PayloadFormat, TimestampFallback, ValidationConfig};
 use crate::reading::{DecodeError, Decoded, Millis, RawReading};
 use output::Output;
+use time::TimeText;
 
 /// What one payload may decode to, shared by every device's decoder so a reload changes it
 /// for all of them at once.
@@ -68,6 +70,10 @@ pub struct Decoder {
     pub layout: Layout,
     /// Where the source's timestamp is (JSON, key=value, CSV and regex).
     pub timestamp_field: Option<String>,
+    /// How a timestamp written as text is read.
+    times: TimeText,
+    /// A timestamp that cannot be read leaves its readings to the receive time.
+    receive_time_fallback: bool,
     /// The fields to read; empty reads every numeric field (JSON, text) or record (SenML).
     pub fields: Vec<Arc<str>>,
     /// For JSON: the configured fields and then the timestamp field, without repeats, when
@@ -80,12 +86,13 @@ impl Decoder {
     /// The decoder for a device's format options and the payload fields of its metrics.
     ///
     /// # Errors
-    /// When a `regex` pattern does not compile (loading the config checks this first).
+    /// When a `regex` pattern does not compile or the time zone is unknown (loading the
+    /// config checks both first).
     pub fn new(
         options: &FormatOptions<'_>,
         fields: Vec<String>,
         limits: Arc<DecodeLimits>,
-    ) -> Result<Self, regex::Error> {
+    ) -> Result<Self, String> {
         let layout = match options.format {
             PayloadFormat::Json => Layout::Json,
             PayloadFormat::Senml => Layout::Senml,
@@ -100,7 +107,8 @@ impl Decoder {
                     .collect(),
             },
             PayloadFormat::Regex => {
-                let pattern = Regex::new(options.pattern.unwrap_or_default())?;
+                let pattern = Regex::new(options.pattern.unwrap_or_default())
+                    .map_err(|err| format!("pattern does not compile: {err}"))?;
                 let names = pattern.capture_names().flatten().map(Arc::from).collect();
                 Layout::Regex(pattern, names)
             }
@@ -108,9 +116,12 @@ impl Decoder {
         let fields: Vec<Arc<str>> = fields.into_iter().map(Arc::from).collect();
         let timestamp_field = options.timestamp_field.map(str::to_string);
         let flat_keys = json::flat_keys(&fields, timestamp_field.as_deref());
+        let zone = options.timezone.map(time_zone).transpose()?;
         Ok(Self {
             layout,
             timestamp_field,
+            times: TimeText { zone },
+            receive_time_fallback: options.timestamp_fallback == TimestampFallback::ReceiveTime,
             fields,
             flat_keys,
             limits,
@@ -135,6 +146,33 @@ impl Decoder {
             Layout::Regex(pattern, names) => text::regex(self, pattern, names, payload, &mut out),
         }?;
         Ok(out.finish())
+    }
+
+    /// A source time written as text: RFC 3339, or a local time read in the device's zone.
+    fn text_time(&self, text: &str) -> Option<Millis> {
+        self.times.parse(text)
+    }
+
+    /// The error for a timestamp field whose value `shown` (quoted text, or what it is) is
+    /// no time; `text` is the string it held, if it was one.
+    fn bad_timestamp(&self, field: &str, shown: &str, text: Option<&str>) -> DecodeError {
+        DecodeError::malformed(format!(
+            "timestamp field `{field}` is {shown}, expected epoch seconds or milliseconds or RFC 3339{}",
+            text.map_or("", |text| self.times.hint(text))
+        ))
+    }
+
+    /// The source time a timestamp field gave: its time, or with `timestamp_fallback =
+    /// "receive_time"` none when it could not be read.
+    fn source_time(
+        &self,
+        read: Result<Millis, DecodeError>,
+    ) -> Result<Option<Millis>, DecodeError> {
+        match read {
+            Ok(at) => Ok(Some(at)),
+            Err(_) if self.receive_time_fallback => Ok(None),
+            Err(err) => Err(err),
+        }
     }
 
     fn decode_value(&self, payload: &[u8], out: &mut Output) -> Result<(), DecodeError> {
@@ -194,6 +232,8 @@ pub(crate) fn test_decoder(
     let options = FormatOptions {
         format,
         timestamp_field,
+        timezone: None,
+        timestamp_fallback: TimestampFallback::Reject,
         columns: &columns,
         delimiter: None,
         pattern: None,
@@ -224,6 +264,10 @@ mod golden {
         #[serde(default)]
         timestamp_field: Option<String>,
         #[serde(default)]
+        timezone: Option<String>,
+        #[serde(default)]
+        timestamp_fallback: TimestampFallback,
+        #[serde(default)]
         fields: Vec<String>,
         #[serde(default)]
         columns: Vec<String>,
@@ -247,7 +291,14 @@ mod golden {
     #[serde(untagged)]
     enum Outcome {
         Readings(Vec<Expected>),
-        Error { error: String },
+        Error {
+            error: String,
+        },
+        /// Readings, and values counted as not readings (each detail containing its text).
+        Mixed {
+            readings: Vec<Expected>,
+            skipped: Vec<String>,
+        },
     }
 
     #[test]
@@ -275,6 +326,8 @@ mod golden {
             let options = FormatOptions {
                 format: spec.format,
                 timestamp_field: spec.timestamp_field.as_deref(),
+                timezone: spec.timezone.as_deref(),
+                timestamp_fallback: spec.timestamp_fallback,
                 columns: &spec.columns,
                 delimiter: spec.delimiter,
                 pattern: spec.pattern.as_deref(),
@@ -283,6 +336,21 @@ mod golden {
             let decoder = Decoder::new(&options, spec.fields.clone(), limits)
                 .unwrap_or_else(|e| panic!("{name}: pattern: {e}"));
             let got = decoder.decode(&input, NOW);
+            let (expected, want_skipped) = match expected {
+                Outcome::Mixed { readings, skipped } => (Outcome::Readings(readings), skipped),
+                other => (other, Vec::new()),
+            };
+            if let Ok(got) = &got {
+                assert_eq!(
+                    got.skipped.count as usize,
+                    want_skipped.len(),
+                    "case {name}: skipped {:?}",
+                    got.skipped
+                );
+                for (got, want) in got.skipped.listed.iter().zip(&want_skipped) {
+                    assert!(got.contains(want), "case {name}: `{got}` lacks `{want}`");
+                }
+            }
             match (expected, got) {
                 (Outcome::Readings(want), Ok(got)) => {
                     let got: Vec<Expected> = got
@@ -305,7 +373,7 @@ mod golden {
                 (want, got) => panic!(
                     "case {name}: expected {}, got {got:?}",
                     match want {
-                        Outcome::Readings(_) => "readings",
+                        Outcome::Readings(_) | Outcome::Mixed { .. } => "readings",
                         Outcome::Error { .. } => "an error",
                     }
                 ),
@@ -421,6 +489,8 @@ mod golden {
             let options = FormatOptions {
                 format,
                 timestamp_field: Some("ts"),
+                timezone: Some("Europe/Berlin"),
+                timestamp_fallback: TimestampFallback::Reject,
                 columns: &columns,
                 delimiter: None,
                 pattern: Some(r"(?P<a>[-0-9.]+)\s*(?P<ts>\d+)?"),

@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use super::{DecodeLimits, truncate};
 use crate::reading::{
-    DecodeError, FastSet, MAX_NAME_AMPLIFICATION, Millis, RawReading, RejectReason,
+    DecodeError, Decoding, FastSet, MAX_NAME_AMPLIFICATION, Millis, RawReading, RejectReason,
+    Skipped,
 };
 
 /// The name bytes one payload may allocate: [`MAX_NAME_AMPLIFICATION`] times its size, and
@@ -26,6 +27,8 @@ pub fn names_allowed(payload_len: usize, max_name_bytes: usize) -> usize {
 /// a small multiple of its size.
 pub(crate) struct Output {
     readings: Vec<RawReading>,
+    /// Values that are not readings, counted against `max_values` like readings.
+    skipped: Skipped,
     max_values: usize,
     max_name_bytes: usize,
     /// Name bytes this payload may still allocate.
@@ -39,6 +42,7 @@ impl Output {
         let max_name_bytes = limits.max_name_bytes.load(Ordering::Relaxed);
         Self {
             readings: Vec::new(),
+            skipped: Skipped::default(),
             max_values: limits.max_values.load(Ordering::Relaxed),
             max_name_bytes,
             name_budget: names_allowed(payload_len, max_name_bytes),
@@ -51,7 +55,23 @@ impl Output {
     /// # Errors
     /// `too_many_values` past `max_values`.
     pub(crate) fn push(&mut self, reading: RawReading) -> Result<(), DecodeError> {
-        if self.readings.len() >= self.max_values {
+        self.room()?;
+        self.readings.push(reading);
+        Ok(())
+    }
+
+    /// Counts a value that cannot be a reading; `detail` names it.
+    ///
+    /// # Errors
+    /// `too_many_values` past `max_values`.
+    pub(crate) fn skip(&mut self, detail: impl FnOnce() -> String) -> Result<(), DecodeError> {
+        self.room()?;
+        self.skipped.add(detail);
+        Ok(())
+    }
+
+    fn room(&self) -> Result<(), DecodeError> {
+        if self.readings.len() + self.skipped.count as usize >= self.max_values {
             return Err(DecodeError::limit(
                 RejectReason::TooManyValues,
                 format!(
@@ -60,7 +80,6 @@ impl Output {
                 ),
             ));
         }
-        self.readings.push(reading);
         Ok(())
     }
 
@@ -140,6 +159,11 @@ impl Output {
         self.readings.len()
     }
 
+    /// Some value was counted as not a reading.
+    pub(super) fn skipped_any(&self) -> bool {
+        self.skipped.count > 0
+    }
+
     /// Drops the readings in `dead` (ranges of indices at or after `from`), keeping the
     /// order of the others; empties `dead`.
     pub(super) fn remove(&mut self, from: usize, dead: &mut Vec<std::ops::Range<usize>>) {
@@ -171,7 +195,10 @@ impl Output {
         }
     }
 
-    pub(super) fn finish(self) -> Vec<RawReading> {
-        self.readings
+    pub(super) fn finish(self) -> Decoding {
+        Decoding {
+            readings: self.readings,
+            skipped: self.skipped,
+        }
     }
 }

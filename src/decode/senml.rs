@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::{Decoder, Output};
 use crate::reading::{DecodeError, Millis, RawReading};
@@ -16,20 +16,83 @@ use crate::reading::{DecodeError, Millis, RawReading};
 /// Times at or below 2^28 seconds are relative to now (RFC 8428 §4.5.3).
 const RELATIVE_LIMIT: f64 = 268_435_456.0;
 
-#[derive(Deserialize)]
+/// The SenML version this reads (RFC 8428's); a pack that needs a later one is refused.
+const VERSION: f64 = 10.0;
+
+/// One record's fields; a string or data value only by its presence, never copied.
+#[derive(Default)]
 struct Record {
     bn: Option<String>,
     bt: Option<f64>,
     bu: Option<String>,
     bv: Option<f64>,
+    bver: Option<f64>,
     n: Option<String>,
     u: Option<String>,
     v: Option<f64>,
     vb: Option<bool>,
-    vs: Option<String>,
-    vd: Option<String>,
+    /// A `vs` or `vd`.
+    text_value: bool,
+    /// How many of `v`, `vs`, `vb` and `vd` the record has; RFC 8428 allows one.
+    values: u8,
     s: Option<f64>,
     t: Option<f64>,
+    /// The first field whose name ends in `_`: one the reader must understand (RFC 8428
+    /// §4.4), and none is defined that this reads.
+    must_understand: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Record {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(RecordVisitor)
+    }
+}
+
+struct RecordVisitor;
+
+impl<'de> Visitor<'de> for RecordVisitor {
+    type Value = Record;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a SenML record (an object)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Record, A::Error> {
+        let mut record = Record::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "bn" => record.bn = Some(map.next_value()?),
+                "bt" => record.bt = Some(map.next_value()?),
+                "bu" => record.bu = Some(map.next_value()?),
+                "bv" => record.bv = Some(map.next_value()?),
+                "bver" => record.bver = Some(map.next_value()?),
+                "n" => record.n = Some(map.next_value()?),
+                "u" => record.u = Some(map.next_value()?),
+                "v" => {
+                    record.v = Some(map.next_value()?);
+                    record.values += 1;
+                }
+                "vb" => {
+                    record.vb = Some(map.next_value()?);
+                    record.values += 1;
+                }
+                "vs" | "vd" => {
+                    map.next_value::<IgnoredAny>()?;
+                    record.text_value = true;
+                    record.values += 1;
+                }
+                "s" => record.s = Some(map.next_value()?),
+                "t" => record.t = Some(map.next_value()?),
+                _ => {
+                    if key.ends_with('_') && record.must_understand.is_none() {
+                        record.must_understand = Some(super::truncate(&key));
+                    }
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(record)
+    }
 }
 
 pub(super) fn decode(
@@ -58,7 +121,7 @@ pub(super) fn decode(
     if pack.records == 0 {
         return Err(DecodeError::malformed("the SenML pack has no records"));
     }
-    if pack.out.len() == 0 {
+    if pack.out.len() == 0 && !pack.out.skipped_any() {
         return Err(DecodeError::malformed(format!(
             "no record matches the configured fields ({})",
             decoder.fields.join(", ")
@@ -111,7 +174,31 @@ impl<'de> Visitor<'de> for &mut Pack<'_, '_> {
 
 impl Pack<'_, '_> {
     fn record(&mut self, i: usize, record: Record) -> Result<(), DecodeError> {
+        if let Some(field) = &record.must_understand {
+            return Err(DecodeError::malformed(format!(
+                "record {i} has `{field}`, a field that must be understood (its name ends in \
+                 `_`, RFC 8428 §4.4) and is not"
+            )));
+        }
+        if let Some(version) = record.bver.filter(|v| *v > VERSION) {
+            return Err(DecodeError::malformed(format!(
+                "record {i} needs SenML version {version} (bver); this reads version {VERSION}"
+            )));
+        }
+        if record.values > 1 {
+            return Err(DecodeError::malformed(format!(
+                "record {i} has {} of the value fields v, vs, vb and vd; RFC 8428 allows one",
+                record.values
+            )));
+        }
         if let Some(bn) = record.bn {
+            if let Some(c) = bn.chars().find(|c| !name_char(*c)) {
+                return Err(DecodeError::malformed(format!(
+                    "record {i}: the base name `{}` has {c:?}, which SenML names may not hold \
+                     (RFC 8428 §4.5.1: letters, digits and - : . / _)",
+                    super::truncate(&bn)
+                )));
+            }
             self.base_name = self.out.name(&bn, "metric name")?;
         }
         if let Some(bt) = record.bt {
@@ -129,15 +216,25 @@ impl Pack<'_, '_> {
                 "record {i} has no name (n or bn)"
             )));
         }
+        // The base name's characters were checked when it came: a long one is not read again
+        // for every record.
+        check_name(i, &self.base_name, tail)?;
         let value = match (record.v, record.vb, record.s) {
             (Some(v), _, _) => self.base_value + v,
             (None, Some(vb), _) => f64::from(u8::from(vb)),
             (None, None, Some(sum)) => sum,
-            (None, None, None) if record.vs.is_some() || record.vd.is_some() => {
-                return Err(DecodeError::malformed(format!(
-                    "record {i} (`{}`) has a string or data value; only numbers are stored",
-                    super::truncate(&format!("{}{tail}", self.base_name))
-                )));
+            // Counted in the message's rejection; the pack's numbers are stored.
+            (None, None, None) if record.text_value => {
+                if self.decoder.fields.is_empty() || self.configured(tail).is_some() {
+                    let base = &self.base_name;
+                    self.out.skip(|| {
+                        format!(
+                            "record {i} (`{}`) has a string or data value; only numbers are stored",
+                            super::truncate(&format!("{base}{tail}"))
+                        )
+                    })?;
+                }
+                return Ok(());
             }
             (None, None, None) => return Ok(()),
         };
@@ -146,11 +243,7 @@ impl Pack<'_, '_> {
         let field = if self.decoder.fields.is_empty() {
             self.out.joined_name(&self.base_name, tail)?
         } else {
-            let base = &*self.base_name;
-            let configured = self.decoder.fields.iter().find(|f| {
-                f.len() == base.len() + tail.len() && f.starts_with(base) && f.ends_with(tail)
-            });
-            match configured {
+            match self.configured(tail) {
                 Some(field) => field.clone(),
                 None => return Ok(()),
             }
@@ -179,6 +272,38 @@ impl Pack<'_, '_> {
             source_time,
         })
     }
+}
+
+impl Pack<'_, '_> {
+    /// The configured field the record named `tail` (after the base name) is.
+    fn configured(&self, tail: &str) -> Option<&Arc<str>> {
+        let base = &*self.base_name;
+        self.decoder.fields.iter().find(|f| {
+            f.len() == base.len() + tail.len() && f.starts_with(base) && f.ends_with(tail)
+        })
+    }
+}
+
+/// RFC 8428 §4.5.1: a name (base name and name joined) is made of `A-Z a-z 0-9 - : . / _`
+/// and starts with a letter or digit.
+fn check_name(i: usize, base: &str, tail: &str) -> Result<(), DecodeError> {
+    let first = base.chars().chain(tail.chars()).next();
+    let bad = tail
+        .chars()
+        .find(|c| !name_char(*c))
+        .or(first.filter(|c| !c.is_ascii_alphanumeric()));
+    match bad {
+        Some(c) => Err(DecodeError::malformed(format!(
+            "record {i}: the name `{}` has {c:?}, which SenML names may not hold (RFC 8428 \
+             §4.5.1: letters, digits and - : . / _, starting with a letter or digit)",
+            super::truncate(&format!("{base}{tail}"))
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | ':' | '.' | '/' | '_')
 }
 
 /// SenML times are always seconds.

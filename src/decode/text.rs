@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use regex::Regex;
 
-use super::{Decoder, Output, epoch_to_millis, parse_rfc3339, truncate};
-use crate::reading::{DecodeError, Millis, RawReading};
+use super::{Decoder, Output, epoch_to_millis, truncate};
+use crate::reading::{DecodeError, FastSet, Millis, RawReading};
 
 /// The payload as trimmed UTF-8 text.
 pub(super) fn text(payload: &[u8]) -> Result<&str, DecodeError> {
@@ -105,30 +105,61 @@ enum Name<'a> {
 /// Readings from `(field, text)` pairs: the timestamp field gives the source time, the
 /// configured fields (or every numeric one when none is configured) the values. A pair
 /// that is no pair ends the line with its error.
+///
+/// A line is one whole sample, so it is refused rather than half stored when it cannot be
+/// one: a key twice (two lines run together after a device reset), or, with fields
+/// configured, a key the config does not know or a configured field missing.
 fn from_pairs<'a>(
     decoder: &Decoder,
     pairs: impl IntoIterator<Item = Result<(Name<'a>, &'a str), DecodeError>>,
     out: &mut Output,
 ) -> Result<(), DecodeError> {
     let mut source_time = None;
+    // Which configured fields the line held; with none configured, every key seen.
+    let mut present = vec![false; decoder.fields.len()];
+    let mut seen: FastSet<&'a str> = FastSet::default();
+    let mut timestamp_seen = false;
     for pair in pairs {
         let (name, text) = pair?;
         let field = match &name {
             Name::Config(name) => &***name,
             Name::Payload(name) => name,
         };
+        let twice = || DecodeError::malformed(format!("key `{}` appears twice", truncate(field)));
         if decoder.timestamp_field.as_deref() == Some(field) {
-            source_time = Some(timestamp(field, text)?);
+            if std::mem::replace(&mut timestamp_seen, true) {
+                return Err(twice());
+            }
+            source_time = decoder.source_time(timestamp(decoder, field, text))?;
             continue;
         }
-        let configured = decoder.fields.iter().find(|f| ***f == *field);
-        if !decoder.fields.is_empty() && configured.is_none() {
-            continue;
+        let configured = decoder.fields.iter().position(|f| **f == *field);
+        match configured {
+            Some(i) if std::mem::replace(&mut present[i], true) => return Err(twice()),
+            Some(_) => {}
+            None if !decoder.fields.is_empty() => match name {
+                // A configured column or capture the metrics do not use.
+                Name::Config(_) => continue,
+                Name::Payload(key) => {
+                    return Err(DecodeError::malformed(format!(
+                        "key `{}` is not one of the configured fields ({})",
+                        truncate(key),
+                        decoder.fields.join(", ")
+                    )));
+                }
+            },
+            None => {
+                if let Name::Payload(key) = name
+                    && !seen.insert(key)
+                {
+                    return Err(twice());
+                }
+            }
         }
         match text.trim().parse::<f64>() {
             Ok(value) => {
                 let field = match (configured, &name) {
-                    (Some(field), _) => field.clone(),
+                    (Some(i), _) => decoder.fields[i].clone(),
                     (None, Name::Config(name)) => Arc::clone(name),
                     (None, Name::Payload(name)) => out.name(name, "metric name")?,
                 };
@@ -148,30 +179,37 @@ fn from_pairs<'a>(
             Err(_) => {}
         }
     }
-    if out.len() == 0 {
-        return Err(DecodeError::malformed(if decoder.fields.is_empty() {
-            "the line has no numeric field".into()
+    let missing: Vec<&str> = decoder
+        .fields
+        .iter()
+        .zip(&present)
+        .filter(|(_, present)| !**present)
+        .map(|(field, _)| &**field)
+        .collect();
+    if !missing.is_empty() {
+        let (noun, verb) = if missing.len() == 1 {
+            ("field", "is")
         } else {
-            format!(
-                "none of the configured fields ({}) is present",
-                decoder.fields.join(", ")
-            )
-        }));
+            ("fields", "are")
+        };
+        let names: Vec<String> = missing.iter().map(|f| format!("`{f}`")).collect();
+        return Err(DecodeError::malformed(format!(
+            "configured {noun} {} {verb} missing from the line",
+            names.join(", ")
+        )));
+    }
+    if out.len() == 0 {
+        return Err(DecodeError::malformed("the line has no numeric field"));
     }
     out.set_source_time(0, source_time);
     Ok(())
 }
 
-fn timestamp(field: &str, text: &str) -> Result<Millis, DecodeError> {
+fn timestamp(decoder: &Decoder, field: &str, text: &str) -> Result<Millis, DecodeError> {
     let text = text.trim();
     text.parse::<f64>()
         .ok()
         .and_then(epoch_to_millis)
-        .or_else(|| parse_rfc3339(text))
-        .ok_or_else(|| {
-            DecodeError::malformed(format!(
-                "timestamp field `{field}` is `{}`, expected epoch seconds or milliseconds or RFC 3339",
-                truncate(text)
-            ))
-        })
+        .or_else(|| decoder.text_time(text))
+        .ok_or_else(|| decoder.bad_timestamp(field, &format!("`{}`", truncate(text)), Some(text)))
 }

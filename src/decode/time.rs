@@ -1,5 +1,8 @@
-//! RFC 3339 timestamps to and from [`Millis`].
+//! RFC 3339 timestamps to and from [`Millis`], and a device's local times read in its
+//! time zone.
 
+use jiff::fmt::temporal::Pieces;
+use jiff::tz::TimeZone;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -9,6 +12,63 @@ use crate::reading::Millis;
 pub fn parse_rfc3339(text: &str) -> Option<Millis> {
     let at = OffsetDateTime::parse(text, &Rfc3339).ok()?;
     Some((at.unix_timestamp_nanos() / 1_000_000) as Millis)
+}
+
+/// How a device's source times written as text are read: with an offset (RFC 3339)
+/// always; as a local date and time (`2026-11-24T10:00:00`, Tasmota's default) only in the
+/// device's `timezone`, which says which offset such a time had.
+#[derive(Clone, Debug, Default)]
+pub struct TimeText {
+    pub zone: Option<TimeZone>,
+}
+
+impl TimeText {
+    /// The time `text` names, or `None` when it is no time or a local time with no zone to
+    /// read it in ([`TimeText::hint`] tells which).
+    pub fn parse(&self, text: &str) -> Option<Millis> {
+        if let Some(at) = parse_rfc3339(text) {
+            return Some(at);
+        }
+        let zone = self.zone.as_ref()?;
+        let local = local_date_time(text)?;
+        // In a shift back the earlier of the two instants, in a gap the later: the
+        // "compatible" rule of RFC 5545 and of JavaScript's Temporal.
+        let at = zone.to_ambiguous_timestamp(local).compatible().ok()?;
+        Some(at.as_millisecond())
+    }
+
+    /// What to add to "expected ... RFC 3339" when `text` could not be read.
+    pub fn hint(&self, text: &str) -> &'static str {
+        if self.zone.is_none() && local_date_time(text).is_some() {
+            "; it is a local time without an offset: set the device's `timezone` \
+             (an IANA name such as \"Europe/Berlin\") to read it"
+        } else {
+            ""
+        }
+    }
+}
+
+/// The time zone an IANA name (`Europe/Berlin`, `UTC`) names, from the system's tz database
+/// or the copy built in.
+///
+/// # Errors
+/// A sentence naming the zone when the database does not know it.
+pub fn time_zone(name: &str) -> Result<TimeZone, String> {
+    TimeZone::get(name).map_err(|_| {
+        format!(
+            "timezone `{name}` is not in the tz database; use an IANA name such as \"Europe/Berlin\" or \"UTC\""
+        )
+    })
+}
+
+/// A date and time of day with neither offset nor zone: `2026-11-24T10:00:00`, with a
+/// fraction or a space for the `T`.
+fn local_date_time(text: &str) -> Option<jiff::civil::DateTime> {
+    let pieces = Pieces::parse(text).ok()?;
+    if pieces.offset().is_some() || pieces.time_zone_annotation().is_some() {
+        return None;
+    }
+    Some(pieces.date().to_datetime(pieces.time()?))
 }
 
 /// Formats as RFC 3339 in UTC with milliseconds.
@@ -128,5 +188,44 @@ mod tests {
             Some(1_700_000_000_000)
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn local_times_are_read_in_the_device_zone_or_not_at_all() {
+        let berlin = TimeText {
+            zone: Some(TimeZone::get("Europe/Berlin").unwrap()),
+        };
+        // 10:00 in Berlin is 09:00 UTC in winter, 08:00 in summer.
+        assert_eq!(
+            berlin.parse("2026-11-24T10:00:00"),
+            parse_rfc3339("2026-11-24T09:00:00Z")
+        );
+        assert_eq!(
+            berlin.parse("2026-07-01 10:00:00.250"),
+            parse_rfc3339("2026-07-01T08:00:00.250Z")
+        );
+        // In the hour that repeats when clocks go back, the first; in the hour skipped
+        // when they go forward, the instant after the gap.
+        assert_eq!(
+            berlin.parse("2026-10-25T02:30:00"),
+            parse_rfc3339("2026-10-25T00:30:00Z")
+        );
+        assert_eq!(
+            berlin.parse("2026-03-29T02:30:00"),
+            parse_rfc3339("2026-03-29T01:30:00Z")
+        );
+        // An offset wins over the zone.
+        assert_eq!(
+            berlin.parse("2026-11-24T10:00:00Z"),
+            parse_rfc3339("2026-11-24T10:00:00Z")
+        );
+        assert_eq!(berlin.parse("2026-11-24"), None, "a date is no time");
+        assert_eq!(berlin.parse("soon"), None);
+        assert_eq!(berlin.hint("2026-11-24T10:00:00"), "");
+
+        let unzoned = TimeText::default();
+        assert_eq!(unzoned.parse("2026-11-24T10:00:00"), None);
+        assert!(unzoned.hint("2026-11-24T10:00:00").contains("`timezone`"));
+        assert_eq!(unzoned.hint("soon"), "");
     }
 }

@@ -1,6 +1,6 @@
 //! Validation: decoded values become [`Reading`]s or [`Rejection`]s. A pure state machine;
-//! the only state is the last receive-time stamp per series, which keeps readings without a
-//! source time from colliding on the same millisecond.
+//! besides the interned series, its state is the receive-time clock per device and series,
+//! which keeps readings without a source time from colliding on the same millisecond.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use crate::config::{Config, UnknownMetrics, ValidationConfig};
 use crate::decode::format_rfc3339;
 use crate::reading::{
     DeviceId, FastMap, FastSet, Message, Millis, RawReading, Reading, ReadingFlags, RejectReason,
-    Rejection, Series, SeriesInfo, SeriesKey,
+    Rejection, Series, SeriesInfo, SeriesKey, Skipped,
 };
 
 /// Why one value was not stored, and the sentence that says so.
@@ -41,15 +41,34 @@ struct Refused {
 
 impl Refused {
     fn add(&mut self, reason: RejectReason, detail: String) {
-        self.count += 1;
+        self.add_many(reason, 1, Some(detail));
+    }
+
+    /// `n` values refused for `reason`, the first of them named by `detail`.
+    fn add_many(&mut self, reason: RejectReason, n: u32, detail: Option<String>) {
+        if n == 0 {
+            return;
+        }
+        self.count += n;
         self.first.get_or_insert(reason);
         match self.by_reason.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, n)) => *n += 1,
-            None => self.by_reason.push((reason, 1)),
+            Some((_, count)) => *count += n,
+            None => self.by_reason.push((reason, n)),
         }
-        if self.listed.len() < LISTED {
+        if let Some(detail) = detail
+            && self.listed.len() < LISTED
+        {
             self.listed.push(detail);
         }
+    }
+
+    /// The values the decoder found that cannot be readings.
+    fn add_skipped(&mut self, skipped: &Skipped) {
+        for detail in &skipped.listed {
+            self.add(RejectReason::NotNumeric, detail.clone());
+        }
+        let unnamed = skipped.count.saturating_sub(skipped.listed.len() as u32);
+        self.add_many(RejectReason::NotNumeric, unnamed, None);
     }
 
     /// One sentence for one refused value; otherwise how many of the message's `values`,
@@ -112,6 +131,10 @@ pub struct Validator {
     limits: ValidationConfig,
     /// Per series key: the last receive-time stamp handed out.
     last_receive_stamp: Vec<Millis>,
+    /// Per device: the latest receive-time stamp handed out to any of its series. A message
+    /// without source times is stamped once, after it, so the readings of one line share
+    /// one time and the next line's come after all of them.
+    device_clock: FastMap<DeviceId, Millis>,
     /// Every series interned so far, so a reload keeps the keys of unchanged metrics.
     interned: HashMap<(DeviceId, String, Option<String>), Series>,
     /// Per device, every metric beyond its config it has, in the database or accepted in
@@ -129,6 +152,7 @@ impl Validator {
             devices: FastMap::default(),
             limits: config.validation.clone(),
             last_receive_stamp: Vec::new(),
+            device_clock: FastMap::default(),
             interned: HashMap::new(),
             beyond_config: FastMap::default(),
         };
@@ -199,15 +223,28 @@ impl Validator {
         };
         let mut readings = Vec::with_capacity(raw_readings.len());
         let mut refused = Refused::default();
-        for raw in raw_readings {
-            match self.check_one(&message.device, message.received_at, raw) {
+        refused.add_skipped(&raw_readings.skipped);
+        let mut clock = MessageClock::default();
+        for raw in raw_readings.iter() {
+            match self.check_one(&message.device, message.received_at, raw, &mut clock) {
                 Ok(reading) => readings.push(reading),
                 Err((reason, detail)) => refused.add(reason, detail),
             }
         }
+        if let Some(latest) = clock.latest {
+            match self.device_clock.get_mut(&message.device) {
+                Some(last) => *last = latest,
+                None => {
+                    self.device_clock.insert(message.device.clone(), latest);
+                }
+            }
+        }
         Checked {
             readings,
-            rejection: refused.into_rejection(message, raw_readings.len()),
+            rejection: refused.into_rejection(
+                message,
+                raw_readings.len() + raw_readings.skipped.count as usize,
+            ),
         }
     }
 
@@ -270,6 +307,7 @@ impl Validator {
         device: &DeviceId,
         received_at: Millis,
         raw: &RawReading,
+        clock: &mut MessageClock,
     ) -> Result<Reading, Invalid> {
         let (series, (min, max)) = self.series_of(device, raw)?;
         let metric = series.metric();
@@ -326,8 +364,14 @@ impl Validator {
             }
             None => {
                 flags |= ReadingFlags::RECEIVE_TIME;
+                let stamp = *clock.stamp.get_or_insert_with(|| {
+                    let after = self.device_clock.get(device).map(|t| t.saturating_add(1));
+                    received_at.max(after.unwrap_or(Millis::MIN))
+                });
+                // Only a series repeated within the message moves past the message's stamp.
                 let last = &mut self.last_receive_stamp[series.key().0 as usize];
-                *last = received_at.max(last.saturating_add(1));
+                *last = stamp.max(last.saturating_add(1));
+                clock.latest = clock.latest.max(Some(*last));
                 *last
             }
         };
@@ -339,6 +383,14 @@ impl Validator {
             flags: ReadingFlags(flags),
         })
     }
+}
+
+/// The receive-time stamp of one message: taken at its first reading without a source
+/// time, after everything its device was stamped with before.
+#[derive(Default)]
+struct MessageClock {
+    stamp: Option<Millis>,
+    latest: Option<Millis>,
 }
 
 /// The series of a device's metric with its unit: the one interned before, or a new one
@@ -405,7 +457,7 @@ mod tests {
             source: Arc::from("bay3"),
             received_at: NOW,
             raw: crate::reading::Bytes::from_static(b"{}"),
-            decoded: Ok(readings),
+            decoded: Ok(readings.into()),
             ticket: None,
         }
     }
@@ -682,5 +734,70 @@ mod tests {
             .collect();
         assert_eq!(times, vec![NOW, NOW + 1, NOW + 2]);
         assert!(first.readings[0].flags.has(ReadingFlags::RECEIVE_TIME));
+    }
+
+    /// Lines in one millisecond once got 1 ms per metric separately, so one line's humidity
+    /// could land on another line's time.
+    #[test]
+    fn the_readings_of_one_line_share_one_time_and_the_next_line_comes_after() {
+        let mut v = validator("");
+        let lines = [
+            vec![raw("t", 1.0, None), raw("hum", 35.1, None)],
+            vec![raw("hum", 35.2, None)],
+            vec![raw("t", 3.0, None), raw("hum", 35.5, None)],
+        ];
+        let times: Vec<Vec<(String, Millis)>> = lines
+            .into_iter()
+            .map(|line| {
+                v.check(&message(line))
+                    .readings
+                    .iter()
+                    .map(|r| (r.series.metric().to_string(), r.time))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            times,
+            vec![
+                vec![("t".into(), NOW), ("humidity".into(), NOW)],
+                vec![("humidity".into(), NOW + 1)],
+                vec![("t".into(), NOW + 2), ("humidity".into(), NOW + 2)],
+            ]
+        );
+        let mut later = message(vec![raw("t", 4.0, None)]);
+        later.received_at = NOW + 1_000;
+        assert_eq!(v.check(&later).readings[0].time, NOW + 1_000);
+    }
+
+    /// RFC 8428's pack of several data types: its numbers are stored, its strings counted.
+    #[test]
+    fn values_that_are_not_numbers_are_counted_beside_the_readings_stored() {
+        let mut v = validator("");
+        let mut skipped = Skipped::default();
+        for name in ["label", "nfc-reader"] {
+            skipped.add(|| format!("record (`{name}`) has a string or data value"));
+        }
+        let mut msg = message(Vec::new());
+        msg.decoded = Ok(crate::reading::Decoding {
+            readings: vec![raw("hum", 40.0, Some(NOW))],
+            skipped,
+        });
+        let checked = v.check(&msg);
+        assert_eq!(checked.readings.len(), 1);
+        let rejection = checked.rejection.unwrap();
+        assert_eq!(rejection.reason, RejectReason::NotNumeric);
+        assert_eq!(rejection.values, 2);
+        assert!(
+            rejection
+                .detail
+                .starts_with("2 of 3 values not stored (not_numeric 2)"),
+            "{}",
+            rejection.detail
+        );
+        assert!(
+            rejection.detail.contains("`nfc-reader`"),
+            "{}",
+            rejection.detail
+        );
     }
 }

@@ -13,8 +13,11 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::config::{LogFormat, LoggingConfig};
 
 /// What the library crates log by default besides the configured filter: connection chatter
-/// of the MQTT client and the embedded broker, slow-statement warnings of sqlx.
-const QUIET: &str = "sqlx=warn,rumqttd=off,rumqttc=warn";
+/// of the MQTT client and the embedded broker, slow-statement warnings of sqlx. tokio-modbus
+/// warns about every garbled answer (about 14 lines each) without naming the device: those
+/// are counted per device (`crc_errors`, `timeouts`), and a slave that stops answering or
+/// comes back is logged once, by device and slave.
+const QUIET: &str = "sqlx=warn,rumqttd=off,rumqttc=warn,tokio_modbus=error";
 
 /// Installs the global subscriber; a second call is ignored.
 pub fn init(config: &LoggingConfig) {

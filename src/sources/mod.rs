@@ -462,8 +462,9 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// A device's decoder; `None` (logged) when its pattern does not compile, which loading the
-/// config rules out, so the device is left out rather than the gateway stopped.
+/// A device's decoder; `None` (logged) when its pattern does not compile or its time zone is
+/// unknown, which loading the config rules out, so the device is left out rather than the
+/// gateway stopped.
 fn decoder_for(
     device: &DeviceId,
     options: &FormatOptions<'_>,
@@ -474,7 +475,7 @@ fn decoder_for(
     match Decoder::new(options, fields, limits.clone()) {
         Ok(decoder) => Some(decoder),
         Err(err) => {
-            tracing::error!(device = %device, error = %err, "Device pattern unusable; device not started");
+            tracing::error!(device = %device, error = %err, "Device decoder unusable; device not started");
             None
         }
     }

@@ -309,6 +309,9 @@ impl SlaveDevice {
             let reported = match &outcome.error {
                 Some(error) if !outcome.answered => {
                     failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(device = %status.device(), slave = self.config.slave, %error, "Modbus slave not answering");
+                    }
                     status
                         .set(
                             DeviceState::Failing,
@@ -317,6 +320,9 @@ impl SlaveDevice {
                         .await
                 }
                 _ => {
+                    if failures > 0 {
+                        tracing::info!(device = %status.device(), slave = self.config.slave, failed_polls = failures, "Modbus slave answering again");
+                    }
                     failures = 0;
                     breaker.reset();
                     status.set(DeviceState::Connected, None).await
@@ -376,6 +382,7 @@ impl SlaveDevice {
             outcome.answered = true;
             let received_at = now_millis();
             let decoded = decode_block(&self.config.registers, block, &answer)
+                .map(Into::into)
                 .map_err(DecodeError::malformed);
             let message = Message {
                 device: status.device().clone(),

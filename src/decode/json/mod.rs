@@ -1,4 +1,4 @@
-//! JSON objects (or arrays of objects): metrics are fields or dotted paths.
+//! JSON objects (or arrays of objects): metrics are fields or paths (`ENERGY.Power[1]`).
 //!
 //! Two readers. The payload most sensors send, one flat object holding the configured
 //! fields, is scanned in one pass ([`flat_json`]). Any other payload is walked while it is
@@ -7,6 +7,7 @@
 //! whatever its shape. A parsed `serde_json::Value` takes 30 to 50 times the bytes of a
 //! payload of small objects.
 
+pub mod path;
 #[cfg(test)]
 mod tests;
 mod walk;
@@ -14,7 +15,7 @@ mod walk;
 use std::sync::Arc;
 
 use super::flat_json::{self, Scalar};
-use super::{Decoder, Output, epoch_to_millis, parse_rfc3339};
+use super::{Decoder, Output, epoch_to_millis};
 use crate::reading::{DecodeError, Millis, RawReading};
 use walk::decode_document;
 
@@ -38,7 +39,7 @@ fn decode_flat(decoder: &Decoder, payload: &[u8]) -> Option<Vec<RawReading>> {
     let find = |path: &str| picked[keys.iter().position(|k| **k == *path)?];
     let source_time = match &decoder.timestamp_field {
         Some(path) => match find(path) {
-            Some(value) => Some(flat_timestamp(value)?),
+            Some(value) => Some(flat_timestamp(decoder, value)?),
             None => None,
         },
         None => None,
@@ -68,16 +69,18 @@ fn flat_number(value: Scalar<'_>) -> Option<f64> {
 }
 
 /// What the walk makes of the same value (`Found::timestamp`).
-fn flat_timestamp(value: Scalar<'_>) -> Option<Millis> {
+fn flat_timestamp(decoder: &Decoder, value: Scalar<'_>) -> Option<Millis> {
     match value {
         Scalar::Number(n) => epoch_to_millis(n),
-        Scalar::Str(s) => parse_rfc3339(s).or_else(|| s.parse().ok().and_then(epoch_to_millis)),
+        Scalar::Str(s) => decoder
+            .text_time(s)
+            .or_else(|| s.parse().ok().and_then(epoch_to_millis)),
         Scalar::Bool(_) | Scalar::Null => None,
     }
 }
 
 /// What [`decode_flat`] looks for: the configured fields and the timestamp field, each
-/// once, when there are fields, none is a dotted path and they are at most
+/// once, when there are fields, each is a plain top-level key and they are at most
 /// [`flat_json::MAX_KEYS`].
 pub(super) fn flat_keys(
     fields: &[Arc<str>],
@@ -89,7 +92,7 @@ pub(super) fn flat_keys(
     let mut keys: Vec<Arc<str>> = Vec::with_capacity(fields.len() + 1);
     let timestamp = timestamp_field.map(Arc::from);
     for key in fields.iter().chain(&timestamp) {
-        if key.contains('.') {
+        if key.contains(['.', '[', ']', '"']) {
             return None;
         }
         if !keys.contains(key) {

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::walk::decode_document;
 use super::*;
 use crate::config::PayloadFormat;
-use crate::decode::Output;
+use crate::decode::{Output, parse_rfc3339};
 
 fn decoder(fields: &[&str], timestamp_field: Option<&str>) -> Decoder {
     crate::decode::test_decoder(PayloadFormat::Json, timestamp_field, fields, &[])
@@ -17,7 +17,7 @@ fn decoder(fields: &[&str], timestamp_field: Option<&str>) -> Decoder {
 fn document(decoder: &Decoder, payload: &[u8]) -> Result<Vec<RawReading>, DecodeError> {
     let mut out = Output::new(&decoder.limits, payload.len());
     decode_document(decoder, payload, &mut out)?;
-    Ok(out.finish())
+    Ok(out.finish().readings)
 }
 
 /// A model of the walk: the whole document parsed into a `serde_json::Value` (which
@@ -25,11 +25,21 @@ fn document(decoder: &Decoder, payload: &[u8]) -> Result<Vec<RawReading>, Decode
 /// sorted, since a parsed map orders keys by name; `None` for an error.
 fn model(decoder: &Decoder, payload: &[u8]) -> Option<Vec<(String, u64, Option<Millis>)>> {
     fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
-        if let Some(found) = value.get(path) {
+        if !path.contains('[')
+            && let Some(found) = value.get(path)
+        {
             return Some(found);
         }
-        let (head, rest) = path.split_once('.')?;
-        lookup(value.get(head)?, rest)
+        let (head, rest) = super::path::head(path)?;
+        let child = match head {
+            super::path::Head::Key(key) => value.as_object()?.get(&*key)?,
+            super::path::Head::Index(i) => value.as_array()?.get(i)?,
+        };
+        if rest.is_empty() {
+            Some(child)
+        } else {
+            lookup(child, rest)
+        }
     }
     fn number(value: &Value) -> Option<f64> {
         match value {
@@ -58,6 +68,11 @@ fn model(decoder: &Decoder, payload: &[u8]) -> Option<Vec<(String, u64, Option<M
                         format!("{path}.{key}")
                     };
                     leaves(child, &path, skip, out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    leaves(item, &format!("{path}[{i}]"), skip, out);
                 }
             }
             Value::Number(_) | Value::Bool(_) if skip != Some(path) => {
@@ -128,6 +143,7 @@ fn value() -> impl Strategy<Value = String> {
         Just("true".to_string()),
         Just("null".to_string()),
         Just("[1, 2]".to_string()),
+        Just("[{\"temp\": 3, \"a.b\": [true]}, \"x\", [4, null]]".to_string()),
     ];
     leaf.prop_recursive(3, 12, 4, |inner| {
         prop::collection::vec((key(), inner), 0..4).prop_map(|members| object(&members))
@@ -175,6 +191,11 @@ fn configs() -> impl Strategy<Value = (Vec<&'static str>, Option<&'static str>)>
         (vec!["hum"], Some("x")),
         (vec!["env.temp", "a.b", "t"], Some("meta.at")),
         (vec!["a"], Some("a.b")),
+        (vec!["a[1]", "t[0].temp", "hum[2][1]"], None),
+        (
+            vec![r#"["a.b"]"#, r#"env["a.b"][0]"#, "a.b[0]"],
+            Some("t[0]"),
+        ),
     ])
 }
 

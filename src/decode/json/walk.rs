@@ -8,14 +8,16 @@ use std::ops::Range;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::super::{Decoder, Output, epoch_to_millis, parse_rfc3339, truncate};
+use super::super::{Decoder, Output, epoch_to_millis, truncate};
+use super::path::{self, Head};
 use crate::reading::{DecodeError, FastMap, Millis, RawReading};
 
 /// Any payload, walked as it is parsed: an object, or an array of objects, each decoded on
 /// its own. With no fields configured every numeric or boolean leaf is a reading named by
-/// its dotted path; otherwise each configured path is looked up. A dotted path finds a key
-/// that itself holds the dots first (`{"env.temp": 1}`), then the nested key
-/// (`{"env": {"temp": 1}}`); where a key repeats, the last one counts.
+/// its path (`env.temp`, `power[1]`); otherwise each configured path ([`super::path`]) is
+/// looked up. A plain dotted path finds a key that itself holds the dots first
+/// (`{"env.temp": 1}`), then the nested key (`{"env": {"temp": 1}}`); where a key repeats,
+/// the last one counts.
 pub(super) fn decode_document(
     decoder: &Decoder,
     payload: &[u8],
@@ -131,7 +133,7 @@ impl Walk<'_, '_> {
     ) -> Result<(), DecodeError> {
         let decoder = self.decoder;
         let source_time = match (time, &decoder.timestamp_field) {
-            (Some(found), Some(path)) => Some(found.timestamp(path)?),
+            (Some(found), Some(path)) => decoder.source_time(found.timestamp(decoder, path))?,
             _ => None,
         };
         if decoder.fields.is_empty() {
@@ -206,10 +208,12 @@ impl Found {
         }
     }
 
-    fn timestamp(&self, path: &str) -> Result<Millis, DecodeError> {
+    fn timestamp(&self, decoder: &Decoder, path: &str) -> Result<Millis, DecodeError> {
         let parsed = match self {
             Self::Number(n) => epoch_to_millis(*n),
-            Self::Str(s) => parse_rfc3339(s).or_else(|| s.parse().ok().and_then(epoch_to_millis)),
+            Self::Str(s) => decoder
+                .text_time(s)
+                .or_else(|| s.parse().ok().and_then(epoch_to_millis)),
             Self::Bool(_) | Self::Other(_) => None,
         };
         parsed.ok_or_else(|| {
@@ -222,9 +226,11 @@ impl Found {
                 ),
                 Self::Other(kind) => (*kind).to_string(),
             };
-            DecodeError::malformed(format!(
-                "timestamp field `{path}` is {shown}, expected epoch seconds or milliseconds or RFC 3339"
-            ))
+            let text = match self {
+                Self::Str(s) => Some(s.as_str()),
+                _ => None,
+            };
+            decoder.bad_timestamp(path, &shown, text)
         })
     }
 }
@@ -244,21 +250,11 @@ fn members<'de, A: MapAccess<'de>>(
     // Where each key's readings are, to drop them when the key comes again.
     let mut keys: FastMap<Cow<'de, str>, Range<usize>> = FastMap::default();
     let mut child: Vec<Want<'_>> = Vec::new();
+    // The wants this key's value is itself the value of.
+    let mut captured: Vec<usize> = Vec::new();
     while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-        child.clear();
-        let mut capture = false;
-        for (i, want) in wants.iter().enumerate() {
-            if want.path == key {
-                capture = true;
-            } else if let Some((head, rest)) = want.path.split_once('.')
-                && head == key
-            {
-                child.push(Want {
-                    slot: i,
-                    path: rest,
-                });
-            }
-        }
+        let step = |head: &Head<'_>| matches!(head, Head::Key(k) if *k == key);
+        route(wants, Some(&key), step, &mut captured, &mut child);
         // A key without a name names no metric (`{"": 7}`, `{"env": {"": 7}}`).
         let leaves = collect && !key.is_empty();
         let parent_len = walk.path.len();
@@ -272,15 +268,13 @@ fn members<'de, A: MapAccess<'de>>(
         let value = map.next_value_seed(Member {
             walk: &mut *walk,
             wants: &child,
-            capture,
+            capture: !captured.is_empty(),
             collect: leaves,
         })?;
         walk.path.truncate(parent_len);
         if let Some(found) = value.found {
-            for (i, want) in wants.iter().enumerate() {
-                if want.path == key {
-                    exact[i] = Some(Some(found.clone()));
-                }
+            for &i in &captured {
+                exact[i] = Some(Some(found.clone()));
             }
         }
         for (want, found) in child.iter().zip(value.nested) {
@@ -302,6 +296,36 @@ fn members<'de, A: MapAccess<'de>>(
         .zip(nested)
         .map(|(exact, nested)| exact.or(nested).flatten())
         .collect())
+}
+
+/// Sorts the wants that reach one member or element, whose step `step` matches: those that
+/// end there go to `captured`, those that go on inside it to `child` (relative to it). For
+/// an object member, `key` also takes a plain path equal to the whole key, first.
+fn route<'p>(
+    wants: &[Want<'p>],
+    key: Option<&str>,
+    step: impl Fn(&Head<'_>) -> bool,
+    captured: &mut Vec<usize>,
+    child: &mut Vec<Want<'p>>,
+) {
+    captured.clear();
+    child.clear();
+    for (i, want) in wants.iter().enumerate() {
+        if key == Some(want.path) && !want.path.contains('[') {
+            captured.push(i);
+        } else if let Some((head, rest)) = path::head(want.path)
+            && step(&head)
+        {
+            if rest.is_empty() {
+                captured.push(i);
+            } else {
+                child.push(Want {
+                    slot: i,
+                    path: rest,
+                });
+            }
+        }
+    }
 }
 
 /// An object key, borrowed from the payload unless it has escapes.
@@ -411,9 +435,56 @@ impl<'de> Visitor<'de> for Member<'_, '_, '_, '_> {
         Ok(self.visited(Found::Other("null")))
     }
 
+    /// An array's elements are read like an object's members, by index: `path[i]` names
+    /// each numeric element when leaves are collected, and wanted paths reach in with
+    /// `[i]`.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Visited, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(self.visited(Found::Other("an array")))
+        let Member {
+            walk,
+            wants,
+            capture,
+            collect,
+        } = self;
+        let indexed = |want: &Want<'_>| matches!(path::head(want.path), Some((Head::Index(_), _)));
+        let mut nested = vec![None; wants.len()];
+        if !collect && !wants.iter().any(indexed) {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+        } else {
+            let mut child: Vec<Want<'_>> = Vec::new();
+            let mut captured: Vec<usize> = Vec::new();
+            for index in 0usize.. {
+                let step = |head: &Head<'_>| matches!(head, Head::Index(i) if *i == index);
+                route(wants, None, step, &mut captured, &mut child);
+                let parent_len = walk.path.len();
+                if collect {
+                    walk.path.push('[');
+                    walk.path.push_str(itoa::Buffer::new().format(index));
+                    walk.path.push(']');
+                }
+                let element = seq.next_element_seed(Member {
+                    walk: &mut *walk,
+                    wants: &child,
+                    capture: !captured.is_empty(),
+                    collect,
+                })?;
+                walk.path.truncate(parent_len);
+                let Some(value) = element else {
+                    break;
+                };
+                if let Some(found) = value.found {
+                    for &i in &captured {
+                        nested[i] = Some(found.clone());
+                    }
+                }
+                for (want, found) in child.iter().zip(value.nested) {
+                    nested[want.slot] = found;
+                }
+            }
+        }
+        Ok(Visited {
+            found: capture.then_some(Found::Other("an array")),
+            nested,
+        })
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Visited, A::Error> {
