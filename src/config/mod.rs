@@ -168,7 +168,8 @@ pub enum Overflow {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ValidationConfig {
-    /// What to do with a metric that a device sends but its config does not list.
+    /// What to do with a field a device sends that its metrics do not map, when it lists
+    /// metrics (a device that lists none stores every field).
     pub unknown_metrics: UnknownMetrics,
     /// Readings whose source time differs from the receive time by more are flagged.
     #[serde(with = "duration")]
@@ -193,7 +194,7 @@ pub struct ValidationConfig {
 impl Default for ValidationConfig {
     fn default() -> Self {
         Self {
-            unknown_metrics: UnknownMetrics::Store,
+            unknown_metrics: UnknownMetrics::Ignore,
             max_skew: Duration::from_secs(30),
             max_future: Duration::from_secs(600),
             max_past: Duration::from_secs(7 * 86_400),
@@ -204,12 +205,17 @@ impl Default for ValidationConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum UnknownMetrics {
-    /// Store it like a configured metric, without limits.
+    /// Fields the metrics do not map are not read. A `key_value` line with a key the
+    /// config does not know is still refused, as a line that is not one sample.
+    #[default]
+    Ignore,
+    /// Store them like configured metrics, under their path or name, without limits and
+    /// within `max_metrics_per_device`.
     Store,
-    /// Store a rejection with the raw payload.
+    /// Count them in the message's rejection (`unknown_metric`), with the raw payload.
     Reject,
 }
 

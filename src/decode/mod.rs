@@ -14,11 +14,13 @@ pub use output::names_allowed;
 pub use time::{format_rfc3339, parse_rfc3339, time_zone, write_rfc3339};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use regex::Regex;
 
-use crate::config::{FormatOptions, PayloadFormat, TimestampFallback, ValidationConfig};
+use crate::config::{
+    FormatOptions, PayloadFormat, TimestampFallback, UnknownMetrics, ValidationConfig,
+};
 use crate::reading::{DecodeError, Decoded, Millis, RawReading};
 use output::Output;
 use time::TimeText;
@@ -29,6 +31,8 @@ use time::TimeText;
 pub struct DecodeLimits {
     pub(super) max_values: AtomicUsize,
     pub(super) max_name_bytes: AtomicUsize,
+    /// `unknown_metrics` is not `ignore`: fields a device's metrics do not map are read too.
+    read_unmapped: AtomicBool,
 }
 
 impl DecodeLimits {
@@ -36,6 +40,7 @@ impl DecodeLimits {
         Arc::new(Self {
             max_values: AtomicUsize::new(validation.max_values),
             max_name_bytes: AtomicUsize::new(validation.max_name_bytes),
+            read_unmapped: AtomicBool::new(validation.unknown_metrics != UnknownMetrics::Ignore),
         })
     }
 
@@ -45,6 +50,10 @@ impl DecodeLimits {
             .store(validation.max_values, Ordering::Relaxed);
         self.max_name_bytes
             .store(validation.max_name_bytes, Ordering::Relaxed);
+        self.read_unmapped.store(
+            validation.unknown_metrics != UnknownMetrics::Ignore,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -146,6 +155,12 @@ impl Decoder {
             Layout::Regex(pattern, names) => text::regex(self, pattern, names, payload, &mut out),
         }?;
         Ok(out.finish())
+    }
+
+    /// Fields are configured, and those they do not map are read too (`unknown_metrics` is
+    /// `store` or `reject`), for the validator to store or refuse.
+    fn reads_unmapped(&self) -> bool {
+        !self.fields.is_empty() && self.limits.read_unmapped.load(Ordering::Relaxed)
     }
 
     /// A source time written as text: RFC 3339, or a local time read in the device's zone.
@@ -268,6 +283,8 @@ mod golden {
         #[serde(default)]
         timestamp_fallback: TimestampFallback,
         #[serde(default)]
+        unknown_metrics: Option<UnknownMetrics>,
+        #[serde(default)]
         fields: Vec<String>,
         #[serde(default)]
         columns: Vec<String>,
@@ -332,7 +349,10 @@ mod golden {
                 delimiter: spec.delimiter,
                 pattern: spec.pattern.as_deref(),
             };
-            let limits = DecodeLimits::new(&ValidationConfig::default());
+            let limits = DecodeLimits::new(&ValidationConfig {
+                unknown_metrics: spec.unknown_metrics.unwrap_or_default(),
+                ..ValidationConfig::default()
+            });
             let decoder = Decoder::new(&options, spec.fields.clone(), limits)
                 .unwrap_or_else(|e| panic!("{name}: pattern: {e}"));
             let got = decoder.decode(&input, NOW);

@@ -225,7 +225,10 @@ impl Pack<'_, '_> {
             (None, None, Some(sum)) => sum,
             // Counted in the message's rejection; the pack's numbers are stored.
             (None, None, None) if record.text_value => {
-                if self.decoder.fields.is_empty() || self.configured(tail).is_some() {
+                if self.decoder.fields.is_empty()
+                    || self.decoder.reads_unmapped()
+                    || self.configured(tail).is_some()
+                {
                     let base = &self.base_name;
                     self.out.skip(|| {
                         format!(
@@ -245,6 +248,9 @@ impl Pack<'_, '_> {
         } else {
             match self.configured(tail) {
                 Some(field) => field.clone(),
+                None if self.decoder.reads_unmapped() => {
+                    self.out.joined_name(&self.base_name, tail)?
+                }
                 None => return Ok(()),
             }
         };

@@ -137,7 +137,7 @@ fn from_pairs<'a>(
         match configured {
             Some(i) if std::mem::replace(&mut present[i], true) => return Err(twice()),
             Some(_) => {}
-            None if !decoder.fields.is_empty() => match name {
+            None if !decoder.fields.is_empty() && !decoder.reads_unmapped() => match name {
                 // A configured column or capture the metrics do not use.
                 Name::Config(_) => continue,
                 Name::Payload(key) => {

@@ -24,7 +24,12 @@ pub(super) fn decode(
     payload: &[u8],
     out: &mut Output,
 ) -> Result<(), DecodeError> {
-    match decode_flat(decoder, payload) {
+    let flat = if decoder.reads_unmapped() {
+        None
+    } else {
+        decode_flat(decoder, payload)
+    };
+    match flat {
         Some(readings) => out.take(readings),
         None => decode_document(decoder, payload, out),
     }

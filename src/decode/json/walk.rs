@@ -85,31 +85,19 @@ impl Walk<'_, '_> {
         let decoder = self.decoder;
         let fields = &decoder.fields;
         let timestamp = decoder.timestamp_field.as_deref();
-        let mut wants: Vec<Want<'_>> = fields
+        let wants: Vec<Want<'_>> = fields
             .iter()
             .map(|f| &**f)
             .chain(timestamp)
             .enumerate()
             .map(|(slot, path)| Want { slot, path })
             .collect();
-        let collect = fields.is_empty();
-        if collect {
-            // Only the timestamp is looked up.
-            wants.retain(|w| w.slot == fields.len());
-            if let Some(w) = wants.first_mut() {
-                w.slot = 0;
-            }
-        }
+        // Every leaf is a reading when no fields are configured, and besides them when
+        // fields the config does not map are read too (`unknown_metrics`).
+        let collect = fields.is_empty() || decoder.reads_unmapped();
         let start = self.out.len();
         let found = members(self, map, &wants, collect)?;
-        let (time, values) = match timestamp {
-            Some(_) if collect => found.split_at(1),
-            Some(_) => {
-                let (values, time) = found.split_at(fields.len());
-                (time, values)
-            }
-            None => found.split_at(0),
-        };
+        let (values, time) = found.split_at(fields.len());
         let result = self.finish_object(start, time.first().and_then(Option::as_ref), values);
         result.map_err(|err| {
             let err = match index {
@@ -136,14 +124,16 @@ impl Walk<'_, '_> {
             (Some(found), Some(path)) => decoder.source_time(found.timestamp(decoder, path))?,
             _ => None,
         };
+        // The leaves collected while walking, without those of keys that came again.
+        self.out.remove(start, &mut self.dead);
         if decoder.fields.is_empty() {
-            self.out.remove(start, &mut self.dead);
             if self.out.len() == start {
                 return Err(DecodeError::malformed("the object has no numeric field"));
             }
             self.out.set_source_time(start, source_time);
             return Ok(());
         }
+        self.out.set_source_time(start, source_time);
         for (field, found) in decoder.fields.iter().zip(values) {
             let Some(found) = found else {
                 continue;
@@ -376,8 +366,10 @@ impl Member<'_, '_, '_, '_> {
         }
     }
 
+    /// A leaf is collected unless a configured path or the timestamp takes it.
     fn number<E: de::Error>(self, value: f64) -> Result<Visited, E> {
         if self.collect
+            && !self.capture
             && let Err(err) = self.walk.leaf(value)
         {
             return Err(self.walk.refuse(err));
@@ -403,6 +395,7 @@ impl<'de> Visitor<'de> for Member<'_, '_, '_, '_> {
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Visited, E> {
         if self.collect
+            && !self.capture
             && let Err(err) = self.walk.leaf(f64::from(u8::from(v)))
         {
             return Err(self.walk.refuse(err));
