@@ -147,6 +147,7 @@ async fn stop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_meters_on_one_bus_are_stored_exactly_in_both_word_orders() {
+    let _beside_others = LOG_CAPTURE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let db = db_path(dir.path());
     let path = dir.path().join("tty-bus");
@@ -180,6 +181,7 @@ async fn two_meters_on_one_bus_are_stored_exactly_in_both_word_orders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_slave_delays_the_others_by_at_most_one_timeout() {
+    let _beside_others = LOG_CAPTURE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let db = db_path(dir.path());
     let path = dir.path().join("tty-bus");
@@ -255,6 +257,7 @@ async fn a_dead_slave_delays_the_others_by_at_most_one_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbled_answers_and_exceptions_are_counted_and_the_slave_recovers() {
+    let _beside_others = LOG_CAPTURE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let db = db_path(dir.path());
     let path = dir.path().join("tty-bus");
@@ -312,8 +315,101 @@ async fn garbled_answers_and_exceptions_are_counted_and_the_slave_recovers() {
     assert_eq!(stored_series(&pool).await, served);
 }
 
+/// What the log says of a slave that garbles its answers and then recovers: one line each
+/// way, naming device and slave, and none of tokio-modbus' own (about 14 per garbled answer
+/// before, naming no device). On this thread only, so other tests' logs stay out.
+#[tokio::test(flavor = "current_thread")]
+async fn a_slave_that_stops_answering_and_comes_back_is_logged_once_each_way() {
+    let _alone = LOG_CAPTURE.write().await;
+    // tokio-modbus logs through the `log` crate.
+    let _ = tracing_log::LogTracer::init();
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(sensorgate::service::logging::filter("info"))
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(dir.path());
+    let path = dir.path().join("tty-bus");
+    let bus = ModbusBus::start(
+        Pty::open(&path).unwrap(),
+        &[MeterConfig::new(1), MeterConfig::new(2)],
+        CancellationToken::new(),
+    )
+    .unwrap();
+    let meters = meter_device(1, false) + &meter_device(2, false);
+    let (shutdown, gateway) = start(&db, &path, &meters).await;
+    let pool = read_pool(&db).await;
+    wait_for_polls(&pool, "meter-2", 3).await;
+    bus.set_fault(2, Some(SlaveFault::Garbled));
+    wait_for_state(&pool, "meter-2", "failing").await;
+    wait_for(
+        "garbled answers counted",
+        Duration::from_secs(10),
+        || async { device(&pool, "meter-2").await.3 >= 3 },
+    )
+    .await;
+    bus.set_fault(2, None);
+    wait_for_state(&pool, "meter-2", "connected").await;
+    stop(shutdown, gateway, &bus).await;
+
+    let log = captured.text();
+    let lines = |what: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(what)).collect() };
+    let down = lines("Modbus slave not answering");
+    let up = lines("Modbus slave answering again");
+    assert_eq!((down.len(), up.len()), (1, 1), "{log}");
+    for line in down.iter().chain(&up) {
+        assert!(
+            line.contains("device=meter-2") && line.contains("slave=2"),
+            "{line}"
+        );
+    }
+    assert!(
+        lines("tokio_modbus").is_empty(),
+        "tokio-modbus' own lines: {:?}",
+        lines("tokio_modbus")
+    );
+}
+
+/// Taken alone by the test that captures this thread's log, shared by the others: tracing
+/// works out which subscribers want an event site across threads, and a test on another
+/// thread reaching the same site at that moment left the capturing subscriber out (seen
+/// here: the slave's first warning went missing whenever the other tests ran beside it).
+static LOG_CAPTURE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Log output gathered in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unplugged_bus_is_reopened_and_polling_resumes() {
+    let _beside_others = LOG_CAPTURE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let db = db_path(dir.path());
     let path = dir.path().join("tty-bus");

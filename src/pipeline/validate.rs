@@ -568,8 +568,8 @@ mod tests {
 
     #[test]
     fn unknown_metrics_follow_the_policy() {
-        let stored = validator("unknown_metrics = \"store\"")
-            .check(&message(vec![raw("co2", 400.0, None)]));
+        let stored =
+            validator("unknown_metrics = \"store\"").check(&message(vec![raw("co2", 400.0, None)]));
         assert_eq!(stored.readings[0].series.metric(), "co2");
         let rejected = validator("unknown_metrics = \"reject\"")
             .check(&message(vec![raw("co2", 400.0, None)]));

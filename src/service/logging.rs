@@ -14,15 +14,20 @@ use crate::config::{LogFormat, LoggingConfig};
 
 /// What the library crates log by default besides the configured filter: connection chatter
 /// of the MQTT client and the embedded broker, slow-statement warnings of sqlx. tokio-modbus
-/// warns about every garbled answer (about 14 lines each) without naming the device: those
-/// are counted per device (`crc_errors`, `timeouts`), and a slave that stops answering or
-/// comes back is logged once, by device and slave.
-const QUIET: &str = "sqlx=warn,rumqttd=off,rumqttc=warn,tokio_modbus=error";
+/// logs every garbled answer (about 14 warnings and an error each) without naming the
+/// device; each of its failures also comes back to the gateway as an error, which is
+/// counted per device (`crc_errors`, `timeouts`), and a slave that stops answering or comes
+/// back is logged once, by device and slave.
+const QUIET: &str = "sqlx=warn,rumqttd=off,rumqttc=warn,tokio_modbus=off";
+
+/// The configured filter with the library defaults in front of it.
+pub fn filter(configured: &str) -> EnvFilter {
+    EnvFilter::new(format!("{QUIET},{configured}"))
+}
 
 /// Installs the global subscriber; a second call is ignored.
 pub fn init(config: &LoggingConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{QUIET},{}", config.filter)));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| filter(&config.filter));
     // journald gives every line a timestamp and reads `<N>` priority prefixes.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
