@@ -394,6 +394,15 @@ impl std::ops::Deref for Decoding {
     }
 }
 
+impl<'a> IntoIterator for &'a Decoding {
+    type Item = &'a RawReading;
+    type IntoIter = std::slice::Iter<'a, RawReading>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.readings.iter()
+    }
+}
+
 impl IntoIterator for Decoding {
     type Item = RawReading;
     type IntoIter = std::vec::IntoIter<RawReading>;

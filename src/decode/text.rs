@@ -115,7 +115,7 @@ fn from_pairs<'a>(
     out: &mut Output,
 ) -> Result<(), DecodeError> {
     let mut source_time = None;
-    // Which configured fields the line held; with none configured, every key seen.
+    // Which configured fields the line held, and the other keys it held.
     let mut present = vec![false; decoder.fields.len()];
     let mut seen: FastSet<&'a str> = FastSet::default();
     let mut timestamp_seen = false;
